@@ -1,0 +1,105 @@
+"""The converter registry.
+
+One module per converter; each module defines ``CONVERTER``, a :class:`Converter`
+record, and is listed in :data:`REGISTRY` by name. The config schema's allowed
+``convert.to`` values come from this registry, so adding a converter is: write
+its module, add one line here.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# name -> module path; modules are imported lazily so a converter's heavy
+# dependencies load only when it is used.
+_MODULES = {
+    "numpy": "niconv.converters.to_numpy",
+    "nifti": "niconv.converters.to_nifti",
+    "slices": "niconv.converters.slices",
+    "preprocess": "niconv.converters.preprocess",
+}
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What a converter reports about one converted input (one CSV log row).
+
+    Attributes
+    ----------
+    outputs : tuple of str
+        Every file written, absolute paths, in a deterministic order.
+    input_shape, output_shape : tuple of int
+        Array shapes, ``(X, Y, Z[, T])`` for volumes.
+    input_dtype, output_dtype : str
+        NumPy dtype names (``int16``).
+    zooms : tuple of float
+        Voxel sizes of the input from its header (mm; seconds for a 4th axis).
+    axcodes : str
+        Orientation of the input's voxel axes (``nib.aff2axcodes``), e.g. ``LAS``.
+    details : dict
+        Converter-specific, JSON-serialisable provenance (window used, spacing
+        before/after, ...), written to the log's ``details`` column.
+    """
+
+    outputs: tuple[str, ...]
+    input_shape: tuple[int, ...] = ()
+    input_dtype: str = ""
+    output_shape: tuple[int, ...] = ()
+    output_dtype: str = ""
+    zooms: tuple[float, ...] = ()
+    axcodes: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Converter:
+    """A registered converter.
+
+    Attributes
+    ----------
+    name : str
+        The ``convert.to`` value.
+    options : type
+        Pydantic model of the converter's options (the keys beside ``to``).
+    output_name : callable
+        ``output_name(stem, options) -> str``: the file (or folder) name written
+        for an input whose name without image extensions is ``stem``.
+    convert : callable
+        ``convert(task, options) -> Conversion``; raises a
+        :class:`niconv.errors.NiconvError` subclass for a per-file problem.
+    pairs : callable
+        ``pairs(options) -> dict[role, (pattern, root or None, required)]``: the
+        extra inputs each task needs (a reference image, a label map), found by
+        formatting ``pattern`` with ``{stem}``, ``{name}``, ``{parent}``.
+    memory_factor : float
+        Peak memory of one task as a multiple of the input array's size in
+        bytes, used by the runner's memory budget.
+    inputs : str
+        ``"image"`` (anything nibabel reads) or ``"array"`` (``.npy``/``.npz``):
+        the default include patterns of a scan.
+    """
+
+    name: str
+    options: type
+    output_name: Callable[[str, Any], str]
+    convert: Callable[[Any, Any], Conversion]
+    pairs: Callable[[Any], dict] = lambda options: {}
+    memory_factor: float = 2.0
+    inputs: str = "image"
+
+
+def names() -> tuple[str, ...]:
+    """The registered converter names, in registry order."""
+    return tuple(_MODULES)
+
+
+def get(name: str) -> Converter:
+    """The :class:`Converter` registered as ``name``.
+
+    Raises
+    ------
+    KeyError
+        If no converter has that name.
+    """
+    return importlib.import_module(_MODULES[name]).CONVERTER

@@ -1,0 +1,1 @@
+"""Pure array functions (orientation, resampling, intensity, crop/pad): no file I/O."""
