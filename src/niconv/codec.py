@@ -24,3 +24,18 @@ def write_npz(path: str, arrays: dict[str, np.ndarray], compressed: bool = True,
             arr = np.asanyarray(arr)
             with zf.open(info, "w", force_zip64=arr.nbytes > 2**31) as f:
                 np.lib.format.write_array(f, arr, allow_pickle=False)
+
+
+def write_nifti_gz(image, path: str, level: int | None = None) -> None:
+    """Write a single-file nibabel image; gzip with mtime 0 when ``path`` ends in ``.gz``."""
+    import gzip
+
+    import nibabel as nib
+    from nibabel.fileholders import FileHolder
+
+    if not str(path).endswith(".gz"):
+        nib.save(image, path)
+        return
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                compresslevel=6 if level is None else level, mtime=0) as gz:
+        image.to_file_map({"image": FileHolder(fileobj=gz), "header": FileHolder(fileobj=gz)})

@@ -48,6 +48,13 @@ class UnsupportedInput(InputError):
     """A readable file of a kind this converter does not handle (e.g. DICOM, complex data)."""
 
 
+class SkippedInput(InputError):
+    """An input this converter does not handle at all (e.g. DICOM for ``numpy``).
+
+    The runner logs it with status ``skipped`` and the reason, not as a failure.
+    """
+
+
 class OutputError(NiconvError, OSError):
     """An output cannot be written (read-only folder, disk full, path outside the output root)."""
 

@@ -27,7 +27,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from .errors import InputError, UnsupportedInput
+from .errors import InputError, SkippedInput
 
 # Entry-point file name endings (lower case) that a scan picks up by default. Companion
 # files (.img of an .hdr pair, .rec of PAR, .brik of AFNI) are read through their entry point.
@@ -129,12 +129,12 @@ def load_image(path: str | os.PathLike):
 
     Raises
     ------
-    MissingInput, InputError, UnsupportedInput
+    MissingInput, InputError, SkippedInput
         For a missing, unreadable or corrupt file, or a format nibabel cannot read.
     """
     p = check_input_file(path)
     if _is_dicom(p):
-        raise UnsupportedInput(
+        raise SkippedInput(
             str(p), "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
         )
     try:
@@ -175,8 +175,8 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
         If the file does not exist.
     InputError
         If it is not a readable image, is truncated, or its header is invalid.
-    UnsupportedInput
-        For DICOM files.
+    SkippedInput
+        For DICOM files (not supported yet).
     """
     img = load_image(path)
     p = str(path)
@@ -282,3 +282,37 @@ def _fmt_shape(shape) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """Read a NumPy array from ``.npy`` (memory-mapped) or ``.npz``.
+
+    For ``.npz``: the member ``key`` if given, else ``"data"`` when present,
+    else the first array.
+
+    Raises
+    ------
+    MissingInput
+        If the file does not exist.
+    InputError
+        If it is not a readable ``.npy``/``.npz``, holds no array, lacks ``key``,
+        or holds Python objects (never unpickled).
+    """
+    p = check_input_file(path)
+    try:
+        if p.suffix.lower() == ".npz":
+            with np.load(p, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if not names:
+                    raise InputError(str(p), "the .npz holds no array")
+                name = key or ("data" if "data" in names else names[0])
+                if name not in names:
+                    raise InputError(str(p), f"no array named '{name}' (found: {', '.join(names)})")
+                return archive[name]
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zlib.error) as exc:
+        raise InputError(str(p), f"not a readable NumPy file ({_first_line(exc)})") from exc
+    except Exception as exc:  # zipfile.BadZipFile and friends
+        raise InputError(str(p), f"not a readable NumPy file ({type(exc).__name__}: {_first_line(exc)})") from exc

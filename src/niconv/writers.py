@@ -33,7 +33,8 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
     final = Path(final_path)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=final.suffix, dir=final.parent)
+        # keep the whole final name as suffix so format detection by extension (.nii.gz) still works
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + final.name, dir=final.parent)
         os.close(fd)
     except OSError as exc:
         raise OutputError(str(final), f"cannot write to folder {final.parent}: {_why(exc)}") from exc

@@ -1,0 +1,196 @@
+"""The ``niconv`` command line; the one map from exceptions to exit codes.
+
+Exit codes: 0 every task ok (or already done); 1 at least one task failed;
+2 config or usage error; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__, converters
+from .errors import ClusterError, ConfigError, LockError, NiconvError, ScanError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, found {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, found {text!r}")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="niconv", description="Parallel, resumable batch conversion of medical-imaging cohorts.")
+    p.add_argument("--version", action="version", version=f"niconv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="convert every input of a config")
+    r.add_argument("config")
+    r.add_argument("--jobs", type=int, help="worker processes (default: config 'jobs', else all cores)")
+    r.add_argument("--force", action="store_true", help="redo every task, even those already done")
+    r.add_argument("--retry-failed", action="store_true", help="redo tasks that failed in an earlier run")
+    r.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N (balanced by input bytes)")
+    r.add_argument("--backend", choices=["loky", "dask"], help="joblib backend (default: config 'backend', else loky)")
+    r.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plan", help="print the manifest (one line per task); converts nothing")
+    pl.add_argument("config")
+    pl.add_argument("--csv", action="store_true", help="write the tasks as CSV")
+    pl.add_argument("--shard", type=_shard, metavar="I/N")
+
+    v = sub.add_parser("validate", help="check a config; converts nothing")
+    v.add_argument("config")
+
+    i = sub.add_parser("init", help="print a commented example config")
+    i.add_argument("--to", choices=converters.names(), default="numpy")
+
+    inf = sub.add_parser("info", help="shape, dtype, zooms, orientation, scaling and header of images")
+    inf.add_argument("files", nargs="+")
+    inf.add_argument("--header", action="store_true", help="also print the full header")
+
+    ve = sub.add_parser("verify", help="re-hash the outputs a log records")
+    ve.add_argument("log")
+
+    try:
+        from . import cluster
+    except ImportError:  # cluster extras not installed
+        cluster = None
+    if cluster is not None and hasattr(cluster, "add_arguments"):
+        cluster.add_arguments(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error or --help
+        return int(exc.code or 0) if exc.code in (0, None) else EXIT_USAGE
+    try:
+        return args.func(args) if hasattr(args, "func") else _COMMANDS[args.command](args)
+    except (ConfigError, ScanError, LockError, ClusterError) as exc:
+        print(f"niconv: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NiconvError as exc:
+        print(f"niconv: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("niconv: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _load(args):
+    from .config import load_config
+
+    return load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
+
+
+def cmd_run(args) -> int:
+    from .runner import run
+    from .scan import build_manifest
+
+    config = _load(args)
+    tasks = build_manifest(config)
+    s = run(config, tasks, jobs=args.jobs, force=args.force, retry_failed=args.retry_failed,
+            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet)
+    parts = [f"{s.converted} converted", f"{s.already_done} already done", f"{s.skipped} skipped",
+             f"{s.failed} failed"]
+    if s.failed_before:
+        parts.append(f"{s.failed_before} failed earlier (--retry-failed to redo)")
+    print(f"niconv: {', '.join(parts)} in {s.seconds:.1f} s; log: {s.log_path}")
+    if s.interrupted:
+        print("niconv: interrupted; rerun the same command to resume", file=sys.stderr)
+    return s.exit_code
+
+
+def cmd_plan(args) -> int:
+    import csv
+
+    from .log import read_rows
+    from .runner import plan, shard_log_path
+    from .scan import build_manifest
+
+    config = _load(args)
+    tasks = build_manifest(config)
+    p = plan(tasks, read_rows(shard_log_path(config.log_path, args.shard)), shard=args.shard)
+    state = {t.task_id: "pending" for t in p.pending}
+    state.update({t.task_id: "done" for t in p.done})
+    state.update({t.task_id: "failed" for t in p.failed_before})
+    shown = [t for t in tasks if t.task_id in state]
+    if args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["task_id", "state", "converter", "input_path", "output_path", "bytes_in"])
+        for t in shown:
+            w.writerow([t.task_id, state[t.task_id], t.converter, t.input_path, t.output_path, t.bytes_in])
+    else:
+        for t in shown:
+            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path} -> {t.output_path}")
+        print(f"niconv: {len(shown)} task(s): {len(p.pending)} pending, {len(p.done)} done, "
+              f"{len(p.failed_before)} failed earlier", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    config = _load(args)
+    print(f"niconv: {args.config} is valid (to: {config.convert.to}, output: {config.output.root})")
+    return EXIT_OK
+
+
+def cmd_init(args) -> int:
+    text = resources.files("niconv.templates").joinpath(f"{args.to}.yaml").read_text(encoding="utf-8")
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_info(args) -> int:
+    from .info import describe
+
+    status = EXIT_OK
+    for f in args.files:
+        try:
+            print(describe(f, header=args.header))
+        except NiconvError as exc:
+            print(f"{f}: error: {exc.message}", file=sys.stderr)
+            status = EXIT_FAILED
+    return status
+
+
+def cmd_verify(args) -> int:
+    from .log import latest_by_task, read_rows
+    from .runner import digest_outputs
+
+    path = Path(args.log)
+    if not path.exists():
+        raise ConfigError(str(path), "log file not found")
+    rows = [r for r in latest_by_task(read_rows(path)).values() if r["status"] == "ok"]
+    bad = 0
+    for r in rows:
+        out = Path(r["output_path"])
+        if not out.exists():
+            print(f"missing  {out}")
+            bad += 1
+            continue
+        files = tuple(str(p) for p in sorted(out.rglob("*")) if p.is_file()) if out.is_dir() else (str(out),)
+        _, digest = digest_outputs(out, files)
+        if digest != r["sha256"]:
+            print(f"differs  {out}")
+            bad += 1
+    print(f"niconv: {len(rows) - bad} of {len(rows)} outputs match the log" + (f"; {bad} missing or different" if bad else ""))
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+_COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "init": cmd_init,
+             "info": cmd_info, "verify": cmd_verify}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The YAML config (version 1): schema, validation, defaults.
+
+The YAML is read with ``yaml.safe_load`` and validated once, here, into frozen
+pydantic models. Every problem is reported in one pass, each naming the config
+file, the key path (``convert.window``), what was expected and what was found;
+unknown keys get a "did you mean" hint. Relative paths resolve against the
+config file's folder.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator  # noqa: F401
+
+from . import converters
+from .errors import ConfigError
+from .paths import resolve_path
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Model):
+    """``input:``: where the cohort is and which files to take."""
+
+    root: list[Path] = Field(description="input folder(s)")
+    include: Optional[list[str]] = Field(None, description="globs relative to a root; default: every file the converter reads")
+    exclude: list[str] = Field(default_factory=list)
+    identity: Literal["mtime", "content"] = Field(
+        "mtime", description="what tells a changed input: size + mtime, or a sha256 of the content")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _roots(cls, v, info: ValidationInfo):
+        items = v if isinstance(v, list) else [v]
+        if not items:
+            raise ValueError("expected a folder or a list of folders, found an empty list")
+        return [resolve_path(x, info) for x in items]
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _globs(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class OutputSpec(_Model):
+    """``output:``: where converted files go."""
+
+    root: Path
+    layout: Literal["mirror", "flat"] = "mirror"
+
+    _root = field_validator("root", mode="before")(resolve_path)
+
+
+def _size(v: Any) -> Any:
+    """Parse ``"8GiB"``, ``"500MB"``, a number of bytes, or a fraction of RAM like ``0.5``."""
+    if v is None or isinstance(v, (int, float)):
+        return v
+    text = str(v).strip().replace(" ", "")
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    low = text.lower().rstrip("b").rstrip("i")
+    if low and low[-1] in units:
+        return float(low[:-1]) * units[low[-1]]
+    raise ValueError(f"expected a size like '8GiB' or '500MB', or a fraction of RAM like 0.5; found {v!r}")
+
+
+def _convert_union():
+    models = []
+    for name in converters.names():
+        try:
+            models.append(converters.get(name).options)
+        except ModuleNotFoundError as exc:  # a converter whose module is not installed
+            if exc.name and exc.name.startswith("niconv."):
+                continue
+            raise
+    return Annotated[Union[tuple(models)], Field(discriminator="to")]
+
+
+class Config(_Model):
+    """A validated run configuration (the fully resolved form is written to the run record)."""
+
+    version: Literal[1] = 1
+    input: InputSpec
+    output: OutputSpec
+    convert: _convert_union()  # type: ignore[valid-type]
+    log: Optional[Path] = Field(None, description="CSV log; default <output.root>/niconv_log.csv")
+    jobs: Optional[int] = Field(None, ge=1, description="worker processes; default all cores; 1 = in-process")
+    memory_budget: Optional[float] = Field(
+        None, description="bytes (or '8GiB'), or a fraction of available RAM (0.5); default 0.7 of available RAM")
+    backend: Literal["loky", "dask"] = "loky"
+    scheduler: Optional[str] = Field(None, description="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
+    cluster: Optional[dict] = Field(None, description="SLURM submission settings (see niconv submit)")
+    source: Optional[Path] = Field(None, description="the config file (set by load_config)")
+
+    _log = field_validator("log", mode="before")(resolve_path)
+    _mem = field_validator("memory_budget", mode="before")(lambda v: _size(v))
+
+    @property
+    def log_path(self) -> Path:
+        """The CSV log path (default ``<output.root>/niconv_log.csv``)."""
+        return self.log or self.output.root / "niconv_log.csv"
+
+    @property
+    def n_jobs(self) -> int:
+        """Worker count: ``jobs`` or all cores."""
+        return self.jobs or os.cpu_count() or 1
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
+    """Read and validate a YAML config.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The YAML file; relative paths inside resolve against its folder.
+    overrides : dict, optional
+        Top-level keys that replace the file's (e.g. ``{"jobs": 2}`` from the CLI).
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not YAML, or any key is invalid; ``errors``
+        lists every problem as ``(key path, message)``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), f"cannot read config: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), f"expected a mapping of keys (input, output, convert, ...), found {type(data).__name__}")
+    data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    data["source"] = str(p.resolve())
+    return validate(data, base=p.resolve().parent, where=str(p))
+
+
+def validate(data: dict, base: str | os.PathLike = ".", where: str = "<config>") -> Config:
+    """Validate an already-parsed config mapping (see :func:`load_config`)."""
+    try:
+        return Config.model_validate(data, context={"base": str(base)})
+    except ValidationError as exc:
+        problems = [_describe(err, data) for err in exc.errors()]
+        text = "\n".join(f"  {key}: {msg}" if key else f"  {msg}" for key, msg in problems)
+        raise ConfigError(where, f"{len(problems)} problem(s) in the config:\n{text}", problems) from exc
+
+
+def _key_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        # a discriminated union puts the tag ('numpy') into the location: not a key
+        if i == 1 and loc[0] == "convert" and item in converters.names():
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _describe(err: dict, data: dict) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    key = _key_path(loc)
+    kind = err["type"]
+    found = err.get("input")
+    if kind == "extra_forbidden":
+        name = str(loc[-1])
+        known = _known_keys(loc[:-1], data)
+        hint = difflib.get_close_matches(name, known, n=1)
+        tip = f"; did you mean '{hint[0]}'?" if hint else (f"; known keys: {', '.join(sorted(known))}" if known else "")
+        return key, f"unknown key '{name}'{tip}"
+    if kind == "missing":
+        return key, "required key is missing"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        names = ", ".join(converters.names())
+        hint = difflib.get_close_matches(str(found), converters.names(), n=1) if isinstance(found, str) else []
+        tip = f"; did you mean '{hint[0]}'?" if hint else ""
+        key = "convert.to"
+        return key, f"expected a converter name ({names}), found {_show(found.get('to') if isinstance(found, dict) else found)}{tip}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return key, f"{msg}; found {_show(found)}" if "found" not in msg else msg
+
+
+def _known_keys(loc: tuple, data: dict) -> list[str]:
+    if not loc:
+        return list(Config.model_fields)
+    if loc[0] == "convert" and len(loc) >= 2 and loc[1] in converters.names():
+        model = converters.get(loc[1]).options
+        if len(loc) == 2:
+            return list(model.model_fields)
+        return []
+    field = Config.model_fields.get(str(loc[0]))
+    ann = getattr(field, "annotation", None) if field else None
+    if isinstance(ann, type) and issubclass(ann, BaseModel) and len(loc) == 1:
+        return list(ann.model_fields)
+    return []
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

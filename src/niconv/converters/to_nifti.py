@@ -1,0 +1,208 @@
+"""``nifti``: ``.npy``/``.npz`` -> ``.nii.gz`` with an affine, a reference image's geometry, or identity.
+
+With a reference image, its affine **and header** are copied: qform/sform and
+their codes, xyzt_units, pixdim (TR in pixdim[4]), descrip, intent, header
+extensions. The array's own dtype is what gets stored (the header's datatype
+is set from the array and its scl_slope/scl_inter are cleared), so a float
+prediction saved against an int16 reference is not re-quantized.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import nibabel as nib
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .. import codec
+from ..paths import resolve_path
+from ..errors import InputError
+from ..log import fmt_dtype
+from ..volume import image_stem, load_image, read_array
+from ..writers import atomic_output
+from . import Conversion, Converter
+
+log = logging.getLogger("niconv")
+
+
+class Options(BaseModel):
+    """Options of ``to: nifti``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    to: Literal["nifti"] = "nifti"
+    affine: Optional[tuple[tuple[float, float, float, float], ...]] = Field(
+        None, description="4x4 voxel-to-world (RAS+ mm) affine for every array")
+    reference: Optional[str] = Field(
+        None, description="pattern of each array's reference image, e.g. '{stem}.nii.gz' ({stem}, {name}, {parent})")
+    reference_root: Optional[Path] = Field(
+        None, description="folder holding the references (mirrored like the input tree); default: beside each array")
+    key: Optional[str] = Field(None, description=".npz member to convert; default 'data', else the first")
+    compressed: bool = Field(True, description="true: .nii.gz; false: .nii")
+    level: Optional[int] = Field(None, ge=0, le=9, description="gzip level; default fast")
+
+    _root = field_validator("reference_root", mode="before")(resolve_path)
+
+    @field_validator("affine")
+    @classmethod
+    def _affine(cls, v):
+        if v is None:
+            return v
+        arr = np.asarray(v, dtype=float)
+        if arr.shape != (4, 4):
+            raise ValueError(f"expected a 4x4 list of numbers, found shape {arr.shape}")
+        if not np.all(np.isfinite(arr)) or not np.allclose(arr[3], [0, 0, 0, 1]):
+            raise ValueError("expected finite numbers with last row [0, 0, 0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _one_geometry(self):
+        if self.affine is not None and self.reference is not None:
+            raise ValueError("give either 'affine' or 'reference', not both")
+        return self
+
+
+def output_name(stem: str, options: Options) -> str:
+    return stem + (".nii.gz" if options.compressed else ".nii")
+
+
+def pairs(options: Options) -> dict:
+    if options.reference is None:
+        return {}
+    return {"reference": (options.reference, options.reference_root, True)}
+
+
+def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, where: str = ""):
+    """Build a NIfTI-1 image from an array and its geometry.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Shape ``(X, Y, Z[, T, ...])``; stored with its own dtype.
+    affine : array-like, optional
+        ``(4, 4)`` voxel-to-world affine (RAS+ mm). Ignored with ``reference``.
+    reference : str, optional
+        Image whose affine and header are copied (any format nibabel reads; a
+        non-NIfTI header is converted with ``Nifti1Header.from_header``).
+    where : str
+        The array's path, for error messages.
+
+    Raises
+    ------
+    InputError
+        If ``data`` has fewer than 3 dimensions or an object dtype, or its spatial
+        shape ``(X, Y, Z)`` differs from the reference's.
+    """
+    if data.ndim < 3:
+        raise InputError(where, f"expected a volume of shape (X, Y, Z[, T]), found shape {data.shape}")
+    if data.dtype.hasobject:
+        raise InputError(where, "object arrays cannot be stored in NIfTI")
+    if reference is not None:
+        ref = load_image(reference)
+        ref_shape = tuple(ref.shape[:3])
+        if tuple(data.shape[:3]) != ref_shape:
+            raise InputError(where, f"spatial shape {tuple(data.shape[:3])} does not match the reference "
+                                    f"{reference} spatial shape {ref_shape}")
+        header = nib.Nifti1Header.from_header(ref.header)
+        img = nib.Nifti1Image(data, ref.affine, header=header)
+        if isinstance(ref.header, nib.Nifti1Header):
+            # keep the reference's own qform/sform and their codes, not just its best affine
+            img.set_qform(ref.header.get_qform(), int(ref.header["qform_code"]))
+            img.set_sform(ref.header.get_sform(), int(ref.header["sform_code"]))
+    else:
+        matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+        img = nib.Nifti1Image(data, matrix)
+        img.header.set_xyzt_units("mm", "sec")
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(np.nan, np.nan)
+    return img
+
+
+def write_nifti(input_path: str, output_file: str, options: Options, reference: str | None = None) -> Conversion:
+    """Convert one ``.npy``/``.npz`` to ``output_file`` (``.nii.gz`` or ``.nii``), atomically.
+
+    Raises
+    ------
+    niconv.volume.MissingInput
+        If the array or the reference does not exist (also a ``FileNotFoundError``).
+    niconv.errors.InputError
+        For an unreadable array, a bad reference, or a shape mismatch (also a ``ValueError``).
+    niconv.errors.OutputError
+        If the output cannot be written.
+    """
+    if options.reference is not None and reference is None:
+        raise InputError(input_path, f"no reference image matching '{options.reference}' was found"
+                                     + (f" in {options.reference_root}" if options.reference_root else " beside it"))
+    data = np.asanyarray(read_array(input_path, options.key))
+    img = array_to_image(data, options.affine, reference, where=input_path)
+    with atomic_output(output_file) as tmp:
+        codec.write_nifti_gz(img, tmp, level=options.level)
+    return Conversion(
+        outputs=(str(output_file),),
+        input_shape=tuple(data.shape),
+        input_dtype=fmt_dtype(data.dtype),
+        output_shape=tuple(img.shape),
+        output_dtype=fmt_dtype(img.get_data_dtype()),
+        zooms=tuple(float(z) for z in img.header.get_zooms()),
+        axcodes="".join(c or "?" for c in nib.aff2axcodes(img.affine)),
+        details={"reference": reference} if reference else {},
+    )
+
+
+def convert(task, options: Options) -> Conversion:
+    return write_nifti(task.input_path, task.output_path, options, task.pair("reference"))
+
+
+def numpy_to_nifti(npy_path, output_path, affine=None, reference_nifti=None, debug=False) -> str:
+    """Convert a NumPy array file to a NIfTI-1 image.
+
+    Parameters
+    ----------
+    npy_path : str or path-like
+        ``.npy``, or ``.npz`` (key ``"data"`` when present, else the first
+        array); shape ``(X, Y, Z[, T])``.
+    output_path : str or path-like
+        Output folder (created); the file is ``<output_path>/<PREFIX>.nii.gz``.
+    affine : array-like, optional
+        ``(4, 4)`` voxel-to-world affine (RAS+ mm).
+    reference_nifti : str or path-like, optional
+        Image whose affine and header are copied (qform/sform codes,
+        xyzt_units, pixdim[4] / TR, descrip survive); overrides ``affine``.
+        Neither given: identity affine.
+    debug : bool
+        Log the written path through the ``niconv`` logger.
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``npy_path`` or ``reference_nifti`` does not exist.
+    ValueError
+        If the array's spatial shape does not match the reference's, or a file
+        is unreadable (:class:`niconv.errors.InputError`).
+    """
+    options = Options(affine=None if affine is None or reference_nifti is not None
+                      else tuple(tuple(float(x) for x in row) for row in np.asarray(affine)))
+    out = Path(output_path) / output_name(image_stem(npy_path), options)
+    write_nifti(os.fspath(npy_path), str(out), options,
+                reference=None if reference_nifti is None else os.fspath(reference_nifti))
+    if debug:
+        log.info("niconv: wrote %s", out)
+    return str(out)
+
+
+CONVERTER = Converter(
+    name="nifti",
+    options=Options,
+    output_name=output_name,
+    convert=convert,
+    pairs=pairs,
+    memory_factor=2.0,
+    inputs="array",
+)

@@ -1,0 +1,142 @@
+"""``numpy``: any image nibabel reads -> ``.npz`` (key ``data``) or ``.npy``.
+
+The stored dtype is preserved (``int16`` stays ``int16``; never float64 from
+``get_fdata``). Scaled images follow :mod:`niconv.volume`'s dtype policy:
+``scaling: float32`` (default) writes nibabel's scaled values as ``float32``;
+``scaling: raw`` writes the stored integers and, beside them in the ``.npz``,
+``scl_slope`` and ``scl_inter`` (value = stored * scl_slope + scl_inter, the
+NIfTI-1 standard's rule).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .. import codec
+from ..log import fmt_dtype
+from ..volume import image_stem, read_volume
+from ..writers import atomic_output
+from . import Conversion, Converter
+
+log = logging.getLogger("niconv")
+
+
+class Options(BaseModel):
+    """Options of ``to: numpy``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    to: Literal["numpy"] = "numpy"
+    compressed: bool = Field(True, description="true: .npz (deflated zip, key 'data'); false: .npy")
+    scaling: Literal["float32", "raw"] = Field(
+        "float32", description="scaled images: float32 scaled values, or raw stored integers + scl_slope/scl_inter")
+    level: Optional[int] = Field(None, ge=0, le=9, description="deflate level; default: fast, within 5% of np.savez_compressed's size")
+
+    @model_validator(mode="after")
+    def _raw_needs_npz(self):
+        if self.scaling == "raw" and not self.compressed:
+            raise ValueError("scaling: raw stores scl_slope/scl_inter beside the data, which needs "
+                             ".npz output (compressed: true); found compressed: false")
+        return self
+
+
+def output_name(stem: str, options: Options) -> str:
+    return stem + (".npz" if options.compressed else ".npy")
+
+
+def write_numpy(input_path: str, output_file: str, options: Options) -> Conversion:
+    """Convert one image to ``output_file`` (``.npz`` or ``.npy``), atomically.
+
+    Raises
+    ------
+    niconv.volume.MissingInput
+        If the input does not exist (also a ``FileNotFoundError``).
+    niconv.errors.InputError
+        If it is not a readable image (also a ``ValueError``).
+    niconv.errors.OutputError
+        If the output cannot be written.
+    """
+    vol = read_volume(input_path, scaling=options.scaling)
+    data = vol.data
+    with atomic_output(output_file) as tmp:
+        if options.compressed:
+            arrays = {"data": data}
+            if vol.scaling is not None:
+                arrays["scl_slope"] = np.float64(vol.scaling[0])
+                arrays["scl_inter"] = np.float64(vol.scaling[1])
+            codec.write_npz(tmp, arrays, compressed=True, level=options.level)
+        else:
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array(f, np.asanyarray(data), allow_pickle=False)
+    return Conversion(
+        outputs=(str(output_file),),
+        input_shape=tuple(vol.image.shape),
+        input_dtype=fmt_dtype(vol.stored_dtype),
+        output_shape=tuple(data.shape),
+        output_dtype=fmt_dtype(data.dtype),
+        zooms=vol.zooms,
+        axcodes=vol.axcodes,
+        details={"scl_slope": vol.scaling[0], "scl_inter": vol.scaling[1]} if vol.scaling else {},
+    )
+
+
+def convert(task, options: Options) -> Conversion:
+    return write_numpy(task.input_path, task.output_path, options)
+
+
+def nifti_to_numpy(nii_path, output_path, compressed=True, debug=False) -> str:
+    """Convert one image (NIfTI or any format nibabel reads) to a NumPy file.
+
+    Parameters
+    ----------
+    nii_path : str or path-like
+        Input image: ``.nii``/``.nii.gz`` (NIfTI-1/2), ``.hdr`` (Analyze), ``.mgz``,
+        ``.mnc``, ``.PAR``, ... Voxel array of shape ``(X, Y, Z[, T])``.
+    output_path : str or path-like
+        Output folder (created). The file is ``<output_path>/<PREFIX>.npz`` or
+        ``.npy``, where ``PREFIX`` is the input name without its extensions
+        (``scan_001.nii.gz`` -> ``scan_001.npz``).
+    compressed : bool
+        True: ``.npz`` with the array under key ``"data"``; False: ``.npy``.
+    debug : bool
+        Log the written path at INFO level through the ``niconv`` logger (global
+        logging configuration is not touched).
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``nii_path`` does not exist.
+    ValueError
+        If it is not a readable image (:class:`niconv.errors.InputError`).
+
+    Notes
+    -----
+    The stored dtype is preserved; images with scl_slope/scl_inter (or another
+    format's scale factors) are written as float32 scaled values, equal to
+    nibabel's ``np.asanyarray(img.dataobj)`` rounded to float32.
+    """
+    options = Options(compressed=bool(compressed))
+    out = Path(output_path) / output_name(image_stem(nii_path), options)
+    write_numpy(os.fspath(nii_path), str(out), options)
+    if debug:
+        log.info("niconv: wrote %s", out)
+    return str(out)
+
+
+CONVERTER = Converter(
+    name="numpy",
+    options=Options,
+    output_name=output_name,
+    convert=convert,
+    memory_factor=1.5,
+    inputs="image",
+)

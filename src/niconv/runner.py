@@ -1,0 +1,386 @@
+"""Plan, dispatch and log a run.
+
+``plan`` drops tasks already done (resume) and keeps one shard; ``run``
+dispatches the rest over joblib (loky processes by default, Dask on request)
+through one top-level worker, :func:`convert_one`, which never raises for a
+per-file problem. The parent appends a log row per result as it arrives.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, converters
+from .config import Config
+from .errors import NiconvError, SkippedInput
+from .lock import run_lock
+from .log import CsvLog, TaskResult, fmt_shape, fmt_zooms, latest_by_task, read_rows, write_run_record
+from .manifest import Task, shard as shard_tasks
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: ``pending`` tasks to convert, and what it leaves alone."""
+
+    pending: tuple[Task, ...]
+    done: tuple[Task, ...]
+    failed_before: tuple[Task, ...]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Counts of a finished (or interrupted) run."""
+
+    total: int
+    converted: int
+    skipped: int
+    failed: int
+    already_done: int
+    failed_before: int
+    seconds: float
+    log_path: str
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok or done, 1 any task failed, 130 interrupted."""
+        if self.interrupted:
+            return 130
+        return 1 if (self.failed or self.failed_before) else 0
+
+
+def shard_log_path(log_path: Path, shard: tuple[int, int] | None) -> Path:
+    """The log of one shard: ``niconv_log.csv`` -> ``niconv_log.shard-I-of-N.csv``."""
+    if shard is None:
+        return Path(log_path)
+    i, n = shard
+    p = Path(log_path)
+    return p.with_name(f"{p.stem}.shard-{i}-of-{n}{p.suffix}")
+
+
+def run_record_path(log_path: Path) -> Path:
+    """The JSON run record beside a log: ``niconv_log.csv`` -> ``niconv_log.run.json``."""
+    p = Path(log_path)
+    return p.with_name(p.stem + ".run.json")
+
+
+def outputs_intact(row: dict) -> bool:
+    """True if the output a log row records exists with the recorded size."""
+    if row.get("status") == "skipped":
+        return True  # nothing was written; the unchanged input would be skipped again
+    path = row.get("output_path") or ""
+    try:
+        return _size(Path(path)) == int(row.get("bytes_out") or -1)
+    except (OSError, ValueError):
+        return False
+
+
+def plan(tasks: tuple[Task, ...], log_rows: list[dict], *, force: bool = False,
+         retry_failed: bool = False, shard: tuple[int, int] | None = None) -> Plan:
+    """Decide what to convert.
+
+    A task is done when its id's latest log row is ``ok`` with its output still
+    present at the recorded size, or ``skipped`` (a kind of input the converter
+    does not handle). A changed input has a new id, so it is pending. Tasks
+    whose latest row is ``failed`` are redone only with ``retry_failed``.
+    """
+    if shard is not None:
+        tasks = shard_tasks(tasks, *shard)
+    if force:
+        return Plan(tuple(tasks), (), ())
+    latest = latest_by_task(log_rows)
+    pending, done, failed = [], [], []
+    for t in tasks:
+        row = latest.get(t.task_id)
+        if row is None:
+            pending.append(t)
+        elif row["status"] in ("ok", "skipped") and outputs_intact(row):
+            done.append(t)
+        elif row["status"] == "failed" and not retry_failed:
+            failed.append(t)
+        else:
+            pending.append(t)
+    return Plan(tuple(pending), tuple(done), tuple(failed))
+
+
+def convert_one(task: Task) -> TaskResult:
+    """Convert one task; never raises for a per-file problem.
+
+    Returns
+    -------
+    TaskResult
+        ``ok`` with shapes, dtypes, sizes and the output's sha256; ``skipped`` for
+        an input the converter does not handle; ``failed`` with the error type
+        and a message naming the file and the cause.
+    """
+    start = time.perf_counter()
+    base = dict(task_id=task.task_id, converter=task.converter, input_path=task.input_path,
+                output_path=task.output_path, bytes_in=task.bytes_in)
+    try:
+        conv = converters.get(task.converter)
+        c = conv.convert(task, task.options)
+        nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
+        return TaskResult(
+            status="ok", input_shape=fmt_shape(c.input_shape), input_dtype=c.input_dtype,
+            output_shape=fmt_shape(c.output_shape), output_dtype=c.output_dtype,
+            zooms=fmt_zooms(c.zooms), axcodes=c.axcodes, bytes_out=nbytes, sha256=digest,
+            seconds=round(time.perf_counter() - start, 4),
+            details=json.dumps(c.details, sort_keys=True, default=_json_default) if c.details else "",
+            **base)
+    except SkippedInput as exc:
+        return TaskResult(status="skipped", error_type=type(exc).__name__, error_message=str(exc),
+                          seconds=round(time.perf_counter() - start, 4), **base)
+    except NiconvError as exc:
+        return _failed(base, exc, str(exc), start)
+    except MemoryError as exc:
+        return _failed(base, exc, f"{task.input_path}: not enough memory for this file", start)
+    except Exception as exc:  # a bug or a library error: still costs only this file
+        return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
+
+
+def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
+    return TaskResult(status="failed", error_type=type(exc).__name__,
+                      error_message=" ".join(message.split())[:2000],
+                      seconds=round(time.perf_counter() - start, 4), **base)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def digest_outputs(output_path: Path, outputs: tuple[str, ...]) -> tuple[int, str]:
+    """Total bytes and sha256 of a task's outputs.
+
+    One output file: its own sha256. Several (a folder of slices): the sha256 of
+    the sorted lines ``<relative name> <sha256>``, so the digest covers names and contents.
+    """
+    if len(outputs) == 1 and Path(outputs[0]) == output_path:
+        return os.path.getsize(output_path), file_sha256(output_path)
+    lines, total = [], 0
+    for out in sorted(outputs):
+        total += os.path.getsize(out)
+        lines.append(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n")
+    return total, hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith(".niconv-tmp-"))
+    return path.stat().st_size
+
+
+def memory_budget(config: Config) -> int:
+    """Bytes the run may use for concurrent tasks: ``memory_budget``, or 70% of available RAM."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    budget = config.memory_budget
+    if budget is None:
+        return int(avail * 0.7)
+    return int(avail * budget) if budget <= 1 else int(budget)
+
+
+def estimate_memory(task: Task) -> int:
+    """Peak bytes of one task from its header: voxels x itemsize x the converter's factor."""
+    from .volume import load_image, read_array
+
+    conv = converters.get(task.converter)
+    try:
+        if conv.inputs == "array":
+            arr = read_array(task.input_path) if task.input_path.lower().endswith(".npy") else None
+            nbytes = arr.nbytes if arr is not None else task.bytes_in * 4
+        else:
+            img = load_image(task.input_path)
+            nbytes = math.prod(img.shape) * np.dtype(img.get_data_dtype()).itemsize
+    except Exception:  # the task itself will report the problem
+        return 0
+    return int(nbytes * conv.memory_factor)
+
+
+def concurrency_groups(tasks: tuple[Task, ...], jobs: int, budget: int) -> list[tuple[int, list[Task]]]:
+    """Split tasks by how many of them may run at once within ``budget`` bytes.
+
+    A task needing ``m`` bytes may run beside at most ``budget // m - 1`` others
+    of its size: groups run one after another, widest first, so no more than
+    ``budget`` is ever in use by tasks (a task larger than the budget runs alone).
+    """
+    if jobs <= 1:
+        return [(1, list(tasks))] if tasks else []
+    groups: dict[int, list[Task]] = {}
+    for t in tasks:
+        need = estimate_memory(t)
+        k = jobs if need <= 0 else max(1, min(jobs, budget // need))
+        groups.setdefault(k, []).append(t)
+    return sorted(groups.items(), key=lambda kv: -kv[0])
+
+
+@contextlib.contextmanager
+def _backend(config: Config, backend: str, scheduler: str | None):
+    """joblib backend chosen from outside the dispatch call."""
+    if backend == "dask":
+        from .cluster import dask_backend
+
+        with dask_backend(config, scheduler):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM (time limit, preemption) stops the run like Ctrl-C: log flushed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, force: bool = False,
+        retry_failed: bool = False, shard: tuple[int, int] | None = None, backend: str | None = None,
+        scheduler: str | None = None, progress: bool = True) -> RunSummary:
+    """Convert the pending tasks of a manifest and log every result.
+
+    Parameters
+    ----------
+    config : Config
+        The validated config.
+    tasks : tuple of Task
+        The manifest (:func:`niconv.scan.build_manifest`).
+    jobs : int, optional
+        Worker processes (default ``config.n_jobs``); 1 runs in-process through the same code.
+    force, retry_failed : bool
+        Redo every task / redo tasks whose latest row is ``failed``.
+    shard : (int, int), optional
+        Run only shard ``I`` of ``N`` (balanced by input bytes); logs to its own file.
+    backend, scheduler : str, optional
+        ``loky`` (default) or ``dask``; a Dask scheduler address.
+
+    Returns
+    -------
+    RunSummary
+
+    Raises
+    ------
+    LockError
+        If another live run holds this output tree (or shard).
+    """
+    started = time.time()
+    jobs = jobs or config.n_jobs
+    backend = backend or config.backend
+    scheduler = scheduler or config.scheduler
+    log_path = shard_log_path(config.log_path, shard)
+    lock_name = ".niconv.lock" if shard is None else f".niconv.shard-{shard[0]}-of-{shard[1]}.lock"
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    interrupted = False
+    with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
+        todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
+        bar = _progress(len(todo.pending), progress)
+        with CsvLog(log_path) as log:
+            try:
+                with _backend(config, backend, scheduler):
+                    for width, group in concurrency_groups(todo.pending, jobs, memory_budget(config)):
+                        for result in _dispatch(group, width):
+                            log.append(result)
+                            counts[result.status] += 1
+                            bar.update(1)
+                            if counts["failed"]:
+                                bar.set_postfix(failed=counts["failed"], refresh=False)
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                bar.close()
+        summary = RunSummary(
+            total=len(todo.pending) + len(todo.done) + len(todo.failed_before),
+            converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],
+            already_done=len(todo.done), failed_before=len(todo.failed_before),
+            seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=interrupted)
+        write_run_record(run_record_path(log_path), _record(config, tasks, summary, started, jobs, backend, shard))
+    return summary
+
+
+def _dispatch(tasks: list[Task], width: int):
+    """Results of ``convert_one`` over ``tasks`` as they complete (any order)."""
+    if width <= 1:
+        # in-process: same worker function, no process pool
+        for t in tasks:
+            yield convert_one(t)
+        return
+    from joblib import Parallel, delayed
+
+    gen = Parallel(n_jobs=width, return_as="generator_unordered", batch_size="auto")(
+        delayed(convert_one)(t) for t in tasks)
+    try:
+        yield from gen
+    finally:
+        gen.close()  # on Ctrl-C: joblib terminates the workers
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="niconv", disable=not enabled or total == 0,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def manifest_hash(tasks: tuple[Task, ...]) -> str:
+    """sha256 over the task ids in manifest order."""
+    return hashlib.sha256("\n".join(t.task_id for t in tasks).encode()).hexdigest()
+
+
+def versions() -> dict:
+    """Versions of niconv and the libraries that shape its outputs."""
+    import joblib
+    import nibabel
+
+    return {"niconv": __version__, "nibabel": nibabel.__version__, "numpy": np.__version__,
+            "joblib": joblib.__version__, "python": platform.python_version()}
+
+
+def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: int, backend: str, shard) -> dict:
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    return {
+        "config": config.model_dump(mode="json"),
+        "versions": versions(),
+        "manifest_hash": manifest_hash(tasks),
+        "tasks": len(tasks),
+        "shard": list(shard) if shard else None,
+        "jobs": jobs,
+        "backend": backend,
+        "started": iso(started),
+        "finished": iso(time.time()),
+        "counts": {"converted": summary.converted, "skipped": summary.skipped, "failed": summary.failed,
+                   "already_done": summary.already_done, "failed_before": summary.failed_before},
+        "interrupted": summary.interrupted,
+    }

@@ -1,0 +1,163 @@
+"""Input trees -> the manifest: a sorted, deterministic tuple of :class:`~niconv.manifest.Task`.
+
+Each input maps to one output path under the output root (mirroring the input
+tree by default, so names never collide); a collision is an error before any
+work starts. Files that pair with an input (a reference image, a label map) are
+found by pattern and are not converted on their own.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+
+from wcmatch import glob as wglob
+
+from . import converters
+from .config import Config
+from .errors import OutputError, ScanError
+from .manifest import Task, task_id
+from .paths import inside
+from .volume import ARRAY_SUFFIXES, IMAGE_SUFFIXES, image_stem
+from .writers import TEMP_PREFIX
+
+# ** spans folders, matching ignores case (.NII.GZ, .PAR), hidden files are matched too
+_GLOB_FLAGS = wglob.GLOBSTAR | wglob.IGNORECASE | wglob.DOTGLOB | wglob.BRACE
+
+
+def default_include(kind: str) -> list[str]:
+    """Include globs for a converter's input kind (``image`` or ``array``)."""
+    suffixes = IMAGE_SUFFIXES if kind == "image" else ARRAY_SUFFIXES
+    return [f"**/*{s}" for s in suffixes]
+
+
+def build_manifest(config: Config) -> tuple[Task, ...]:
+    """Scan the input roots and build the ordered tasks of a run.
+
+    Returns
+    -------
+    tuple of Task
+        Sorted by input root, then relative path.
+
+    Raises
+    ------
+    ScanError
+        If an input root does not exist, or two inputs would write the same output.
+    """
+    conv = converters.get(config.convert.to)
+    options = config.convert
+    include = config.input.include or default_include(conv.inputs)
+    exclude = list(config.input.exclude)
+    out_root = Path(config.output.root)
+    roles = conv.pairs(options)
+
+    found: list[tuple[Path, str]] = []
+    for root in config.input.root:
+        if not root.is_dir():
+            raise ScanError("input.root", f"expected an existing folder, found {'a file' if root.exists() else 'nothing'} at {root}")
+        found.extend((root, rel) for rel in _walk(root, include, exclude, out_root))
+
+    # a file that is another input's pair (its label map, its reference) is not an input itself
+    paired: set[str] = set()
+    resolved_pairs = []
+    for root, rel in found:
+        pairs = tuple((role, _find_pair(root, rel, spec)) for role, spec in sorted(roles.items()))
+        paired.update(os.path.abspath(p) for _, p in pairs if p)
+        resolved_pairs.append(pairs)
+
+    tasks: list[Task] = []
+    owners: dict[str, list[str]] = defaultdict(list)
+    for (root, rel), pairs in zip(found, resolved_pairs):
+        src = root / rel
+        if os.path.abspath(src) in paired:
+            continue
+        rel_out = conv.output_name(image_stem(rel), options)
+        if config.output.layout == "mirror":
+            rel_out = str(PurePosixPath(rel).parent / rel_out)
+        try:
+            out = inside(out_root, rel_out)
+        except OutputError as exc:
+            raise ScanError(str(src), exc.message) from exc
+        owners[str(out)].append(str(src))
+        identity = {"path": rel, **_identity(src, config.input.identity),
+                    "pairs": {role: (_identity(Path(p), config.input.identity) | {"path": str(p)}) if p else None
+                              for role, p in pairs}}
+        tasks.append(Task(
+            task_id=task_id(identity, conv.name, options.model_dump(mode="json")),
+            converter=conv.name,
+            input_path=str(src),
+            rel_path=rel,
+            output_path=str(out),
+            options=options,
+            pairs=pairs,
+            bytes_in=_bytes(src),
+        ))
+    clashes = {out: srcs for out, srcs in owners.items() if len(srcs) > 1}
+    if clashes:
+        lines = [f"{out} <- {', '.join(srcs)}" for out, srcs in sorted(clashes.items())]
+        raise ScanError("output", f"{len(clashes)} output(s) would be written by more than one input "
+                                  f"(use output.layout: mirror, or exclude one of them):\n  " + "\n  ".join(lines))
+    return tuple(tasks)
+
+
+def _walk(root: Path, include: list[str], exclude: list[str], out_root: Path):
+    """Relative POSIX paths under ``root`` matching ``include`` and not ``exclude``, sorted."""
+    out_abs = os.path.abspath(out_root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        # never convert our own outputs when the output root sits inside an input root
+        dirnames[:] = sorted(d for d in dirnames if os.path.abspath(os.path.join(dirpath, d)) != out_abs)
+        rel_dir = os.path.relpath(dirpath, root)
+        names = sorted(filenames + dirnames)
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                continue
+            rel = PurePosixPath(name) if rel_dir == "." else PurePosixPath(Path(rel_dir).as_posix()) / name
+            rel_s = str(rel)
+            if wglob.globmatch(rel_s, include, flags=_GLOB_FLAGS) and not (
+                    exclude and wglob.globmatch(rel_s, exclude, flags=_GLOB_FLAGS)):
+                yield rel_s
+
+
+def _find_pair(root: Path, rel: str, spec) -> str | None:
+    pattern, pair_root, _required = spec
+    relp = PurePosixPath(rel)
+    stem = image_stem(relp.name)
+    name = pattern.format(stem=stem, name=relp.name, parent=relp.parent.name)
+    candidates = ([Path(pair_root) / relp.parent / name, Path(pair_root) / name] if pair_root
+                  else [root / relp.parent / name])
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    return None
+
+
+def _identity(path: Path, how: str) -> dict:
+    try:
+        st = path.stat()
+    except OSError:
+        return {"size": None, "mtime_ns": None}
+    if how == "content" and path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return {"size": st.st_size, "sha256": h.hexdigest()}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+_COMPANIONS = {".hdr": (".img", ".IMG"), ".par": (".REC", ".rec"), ".head": (".BRIK", ".brik", ".BRIK.gz")}
+
+
+def _bytes(path: Path) -> int:
+    """Input size in bytes, counting a companion data file (.img, .REC, .BRIK)."""
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
+    for entry, companions in _COMPANIONS.items():
+        if path.name.lower().endswith(entry):
+            base = path.name[: -len(entry)]
+            size += next((c.stat().st_size for c in (path.with_name(base + e) for e in companions)
+                          if c.is_file()), 0)
+    return size
