@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import getpass
+import glob
 import json
 import math
 import os
@@ -41,8 +42,6 @@ DEFAULT_MAX_ARRAY_SIZE = 1001
 # manifest scan) small next to the work, without flooding the scheduler.
 TASKS_PER_SHARD = 50
 DONE = ("ok", "skipped")
-
-_SHARD_LOG = re.compile(r"\.shard-(\d+)-of-(\d+)\.csv$")
 
 
 # --------------------------------------------------------------------------- config schema
@@ -289,7 +288,7 @@ def sbatch_script(config_path: str | os.PathLike, shards: int, partition: str | 
     out += [f"#SBATCH --output={logs / f'{job_name}-%A_%a.out'}",
             f"#SBATCH --error={logs / f'{job_name}-%A_%a.err'}"]
     out += [f"#SBATCH {line}" for line in extra_sbatch_lines]
-    out += ["", f"# niconv: shards {offset} + array index, of {shards}; see `niconv status`",
+    out += ["", f"# shard = {offset} + array index, of {shards} shards; follow with `niconv status CONFIG`",
             "set -eo pipefail"]
     if preamble.strip():
         out += ["", "# setup (cluster.slurm.preamble)", preamble.rstrip("\n")]
@@ -301,7 +300,7 @@ def sbatch_script(config_path: str | os.PathLike, shards: int, partition: str | 
         f'echo "niconv shard $SHARD/{shards} on $(hostname) (job $SLURM_JOB_ID)"',
         # exec: scancel and the time limit signal niconv itself, not a waiting shell
         f"exec {command} run {shlex.quote(os.path.abspath(config_path))} "
-        f'--shard "$SHARD/{shards}" --jobs "$SLURM_CPUS_PER_TASK"',
+        f'--shard "$SHARD/{shards}" --jobs "$SLURM_CPUS_PER_TASK" --quiet',
         "",
     ]
     return "\n".join(out)
@@ -457,44 +456,40 @@ def wait(job_ids: list[str], timeout: float | None = None, interval: float = 1.0
 # --------------------------------------------------------------------------- status, merge, retry
 
 
-def shard_log_path(log: str | os.PathLike, index: int, count: int) -> Path:
-    """The log of shard ``index`` of ``count``: ``<log stem>.shard-I-of-N.csv`` beside ``log``."""
-    log = Path(log)
-    return log.with_name(f"{log.stem}.shard-{index}-of-{count}.csv")
-
-
 def log_files(log: str | os.PathLike) -> list[Path]:
     """The run's log and all its shard logs that exist, oldest modification first."""
     log = Path(log)
-    found = [p for p in log.parent.glob(f"{glob_escape(log.stem)}.shard-*-of-*.csv") if _SHARD_LOG.search(p.name)]
+    pattern = f"{glob.escape(log.stem)}.shard-*-of-*{glob.escape(log.suffix)}"
+    found = [p for p in log.parent.glob(pattern) if _shard_of(p, log)]
     if log.exists():
         found.append(log)
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
-def glob_escape(text: str) -> str:
-    """``text`` with glob metacharacters made literal."""
-    return re.sub(r"([*?\[])", r"[\1]", text)
+def _shard_of(path: Path, log: Path) -> tuple[int, int] | None:
+    """``(I, N)`` of a shard log name ``<log stem>.shard-I-of-N<suffix>``, else None."""
+    m = re.fullmatch(re.escape(log.stem) + r"\.shard-(\d+)-of-(\d+)" + re.escape(log.suffix), path.name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def latest_rows(config, tasks: tuple[Task, ...]) -> dict[str, dict]:
     """The latest log row of each task of ``tasks`` across the run's log and shard logs.
 
-    Files are read oldest first and rows in file order, so later rows win; but a
-    ``skipped`` row (a resumed run found the task done) does not replace an
-    earlier row, which holds the output's facts. Rows of tasks not in the
-    manifest (changed inputs, another config) are ignored.
+    Files are read oldest first and rows in file order, so later rows win. Rows
+    of tasks not in the manifest (changed inputs, another config) are ignored.
     """
-    from .log import read_rows
+    from .log import latest_by_task, read_rows
 
     ids = {t.task_id for t in tasks}
-    latest: dict[str, dict] = {}
-    for path in log_files(config.log_path):
-        for row in read_rows(path):
-            tid = row["task_id"]
-            if tid in ids and not (row.get("status") == "skipped" and tid in latest):
-                latest[tid] = row
-    return latest
+    rows = (r for path in log_files(config.log_path) for r in read_rows(path) if r["task_id"] in ids)
+    return latest_by_task(rows)
+
+
+def _is_done(row: dict | None) -> bool:
+    # the runner's own test, so that a task counted done here is one a rerun skips
+    from .runner import outputs_intact
+
+    return row is not None and row["status"] in DONE and outputs_intact(row)
 
 
 @dataclass(frozen=True)
@@ -504,8 +499,9 @@ class RunStatus:
     Attributes
     ----------
     total, done, failed, pending : int
-        Tasks in the manifest; with a latest row ``ok`` or ``skipped``; with a
-        latest row ``failed``; with no row yet.
+        Tasks in the manifest; done (latest row ``ok`` with its output intact,
+        or ``skipped``); failed (latest row ``failed``); pending (no row yet, or
+        an ``ok`` row whose output is gone).
     logs : tuple of Path
         The log files read.
     failures : tuple of (str, str, str)
@@ -531,10 +527,11 @@ def status(config, tasks: tuple[Task, ...] | None = None) -> RunStatus:
     """
     tasks = _manifest(config) if tasks is None else tasks
     latest = latest_rows(config, tasks)
-    failures = tuple((r["input_path"], r.get("error_type", ""), r.get("error_message", ""))
-                     for r in (latest.get(t.task_id) for t in tasks) if r and r["status"] == "failed")
-    done = sum(1 for r in latest.values() if r["status"] in DONE)
-    return RunStatus(total=len(tasks), done=done, failed=len(failures), pending=len(tasks) - len(latest),
+    rows = [latest.get(t.task_id) for t in tasks]
+    failures = tuple((r["input_path"], r["error_type"], r["error_message"])
+                     for r in rows if r and r["status"] == "failed")
+    done = sum(map(_is_done, rows))
+    return RunStatus(total=len(tasks), done=done, failed=len(failures), pending=len(tasks) - done - len(failures),
                      logs=tuple(log_files(config.log_path)), failures=failures)
 
 
@@ -585,7 +582,7 @@ def shards_to_retry(config, shards: int, tasks: tuple[Task, ...] | None = None) 
     tasks = _manifest(config) if tasks is None else tasks
     latest = latest_rows(config, tasks)
     return [i for i in range(shards)
-            if any(latest.get(t.task_id, {}).get("status") not in DONE for t in shard(tasks, i, shards))]
+            if not all(_is_done(latest.get(t.task_id)) for t in shard(tasks, i, shards))]
 
 
 def shard_count(config, tasks: tuple[Task, ...]) -> int:
@@ -593,9 +590,10 @@ def shard_count(config, tasks: tuple[Task, ...]) -> int:
     subs = submissions(config)
     if subs:
         return int(subs[-1]["shards"])
-    logs = [p for p in log_files(config.log_path) if _SHARD_LOG.search(p.name)]
-    if logs:
-        return int(_SHARD_LOG.search(logs[-1].name).group(2))
+    found = [_shard_of(p, Path(config.log_path)) for p in log_files(config.log_path)]
+    found = [f for f in found if f]
+    if found:
+        return found[-1][1]
     return max(1, math.ceil(len(tasks) / TASKS_PER_SHARD))
 
 
@@ -686,6 +684,25 @@ def dask_client(scheduler: str | None = None, *, jobqueue: JobqueueOptions | Non
         yield client
 
 
+@contextlib.contextmanager
+def dask_backend(config, scheduler: str | None = None) -> Iterator[Any]:
+    """Make joblib dispatch to Dask for the block: :func:`dask_client` from a config.
+
+    The scheduler is ``scheduler``, else the config's ``scheduler``; without
+    one, ``cluster.jobqueue`` starts Dask workers as SLURM jobs, and without
+    that a ``LocalCluster`` of ``jobs`` worker processes starts on this machine.
+
+    Yields
+    ------
+    distributed.Client
+    """
+    import joblib
+
+    with dask_client(scheduler or getattr(config, "scheduler", None), jobqueue=cluster_options(config).jobqueue,
+                     workers=config.n_jobs) as client, joblib.parallel_config(backend="dask"):
+        yield client
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -721,8 +738,11 @@ def cmd_submit(args) -> int:
         return 0
     count = shards if only is None else len(only)
     print(f"submitted {count} of {shards} shards ({len(tasks)} tasks) as job array(s): {' '.join(result)}")
-    print(f"follow with: niconv status {args.config}")
-    return 0
+    if not getattr(args, "wait", False):
+        print(f"follow with: niconv status {args.config}")
+        return 0
+    wait(result)
+    return cmd_status(args)
 
 
 def cmd_status(args) -> int:
@@ -752,7 +772,7 @@ def cmd_merge(args) -> int:
     config = load_config(args.config)
     tasks = _manifest(config)
     st = status(config, tasks)
-    path = merge(config, tasks)
+    path = merge(config, tasks, getattr(args, "output", None))
     print(f"merged {st.done + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
           + (f"; {st.failed} failed, {st.pending} pending" if st.done != st.total else ""))
     return 0 if st.done == st.total else 1
@@ -760,3 +780,31 @@ def cmd_merge(args) -> int:
 
 def _ranges(numbers: list[int]) -> str:
     return ArrayJob(0, tuple(numbers)).array_range
+
+
+def add_arguments(subparsers) -> None:
+    """Add ``submit``, ``status`` and ``merge`` to the ``niconv`` subcommands."""
+    s = subparsers.add_parser("submit", help="run the shards of a config as SLURM job arrays")
+    s.add_argument("config")
+    s.add_argument("--slurm", action="store_true", help="submit to SLURM with sbatch (the only scheduler so far)")
+    s.add_argument("--shards", type=int, metavar="N",
+                   help=f"array tasks (default: cluster.slurm.shards, else one per {TASKS_PER_SHARD} inputs)")
+    s.add_argument("--partition", metavar="P", help="sbatch --partition")
+    s.add_argument("--time", metavar="T", help="sbatch --time per shard, e.g. 02:00:00")
+    s.add_argument("--mem", metavar="M", help="sbatch --mem per shard, e.g. 8G")
+    s.add_argument("--cpus", type=int, metavar="C", help="sbatch --cpus-per-task; the --jobs of each shard")
+    s.add_argument("--max-parallel", type=int, metavar="K", help="at most K shards running at once (--array=...%%K)")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="resubmit only the shards that still have failed or missing tasks")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    s.add_argument("--wait", action="store_true", help="wait until the arrays finish, then print the status")
+    s.set_defaults(func=cmd_submit)
+
+    st = subparsers.add_parser("status", help="done, failed and pending tasks across all shard logs")
+    st.add_argument("config")
+    st.set_defaults(func=cmd_status)
+
+    m = subparsers.add_parser("merge", help="merge the shard logs into one log, in manifest order")
+    m.add_argument("config")
+    m.add_argument("--output", metavar="PATH", help="write here instead of the configured log")
+    m.set_defaults(func=cmd_merge)

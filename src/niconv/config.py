@@ -186,11 +186,11 @@ def _describe(err: dict, data: dict) -> tuple[str, str]:
     if kind == "missing":
         return key, "required key is missing"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        names = ", ".join(converters.names())
-        hint = difflib.get_close_matches(str(found), converters.names(), n=1) if isinstance(found, str) else []
+        names = converters.names()
+        tag = found.get("to") if isinstance(found, dict) else found
+        hint = difflib.get_close_matches(str(tag), names, n=1) if tag is not None else []
         tip = f"; did you mean '{hint[0]}'?" if hint else ""
-        key = "convert.to"
-        return key, f"expected a converter name ({names}), found {_show(found.get('to') if isinstance(found, dict) else found)}{tip}"
+        return "convert.to", f"expected a converter name ({', '.join(names)}), found {_show(tag)}{tip}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

@@ -75,7 +75,7 @@ def pairs(options: Options) -> dict:
 
 
 def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, where: str = ""):
-    """Build a NIfTI-1 image from an array and its geometry.
+    """Build a NIfTI image (NIfTI-1; NIfTI-2 when needed) from an array and its geometry.
 
     Parameters
     ----------
@@ -105,19 +105,26 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
         if tuple(data.shape[:3]) != ref_shape:
             raise InputError(where, f"spatial shape {tuple(data.shape[:3])} does not match the reference "
                                     f"{reference} spatial shape {ref_shape}")
-        header = nib.Nifti1Header.from_header(ref.header)
-        img = nib.Nifti1Image(data, ref.affine, header=header)
+        klass = _image_class(data.shape, ref.header)
+        img = klass(data, ref.affine, header=klass.header_class.from_header(ref.header))
         if isinstance(ref.header, nib.Nifti1Header):
             # keep the reference's own qform/sform and their codes, not just its best affine
             img.set_qform(ref.header.get_qform(), int(ref.header["qform_code"]))
             img.set_sform(ref.header.get_sform(), int(ref.header["sform_code"]))
     else:
         matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
-        img = nib.Nifti1Image(data, matrix)
+        img = _image_class(data.shape)(data, matrix)
         img.header.set_xyzt_units("mm", "sec")
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(np.nan, np.nan)
     return img
+
+
+def _image_class(shape, ref_header=None):
+    """NIfTI-2 for a NIfTI-2 reference or a dimension over NIfTI-1's int16 limit, else NIfTI-1."""
+    if isinstance(ref_header, nib.Nifti2Header) or max(shape) > 32767:
+        return nib.Nifti2Image
+    return nib.Nifti1Image
 
 
 def write_nifti(input_path: str, output_file: str, options: Options, reference: str | None = None) -> Conversion:

@@ -1,0 +1,751 @@
+"""The ``preprocess`` converter: a volume (and its label map) -> an ML-ready array.
+
+An ordered, explicit list of steps (reorient, resample, normalize, clip,
+crop_pad, cast) runs on the image; the *spatial* steps (reorient, resample,
+crop_pad) run identically on a paired label map, with nearest-neighbour
+interpolation and no intensity step, so image and label stay voxel-aligned and
+the label map keeps only its original label values.
+
+Output
+------
+``format: npz`` (default) writes one ``.npz`` readable with plain :func:`numpy.load`:
+
+``data``
+    float32 by default (the ``cast`` step changes it). ``layout: channels_first``
+    (default): shape ``(C, X, Y, Z)``; ``channels_last``: ``(X, Y, Z, C)``. A 3D
+    image has ``C = 1``; a 4D image ``(X, Y, Z, T)`` has one channel per volume.
+    Voxel axes follow the output affine (RAS+ after ``reorient: RAS``).
+``affine``
+    float64 ``(4, 4)``: voxel index -> world (RAS+ mm) of ``data``'s spatial axes.
+``spacing``
+    float64 ``(3,)``: voxel size in mm (the affine's column norms).
+``label``
+    Only when a label map is paired: the label map in its own integer dtype,
+    shape ``(1, X, Y, Z)`` or ``(X, Y, Z, 1)`` like ``data``.
+
+``format: npy`` writes ``data`` alone (and ``<stem>_label.npy`` beside it);
+``format: nifti`` writes ``<stem>.nii.gz`` (``(X, Y, Z[, C])``, the output affine
+as sform and qform) and ``<stem>_label.nii.gz`` so results can be viewed.
+
+Dtype and NaN policy
+--------------------
+The image is read with scaling applied (:func:`niconv.volume.read_volume`) and
+processed in float32. ``nan: zero`` (default) sets NaN and +-inf voxels to 0
+before any step (they would spread through interpolation); ``keep`` leaves them
+(statistics ignore them); ``error`` fails the task if there are any.
+"""
+from __future__ import annotations
+
+import difflib
+import gzip
+import math
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import nibabel as nib
+import numpy as np
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
+
+from ..codec import write_npz
+from ..errors import ConfigError, InputError, NiconvError, OutputError, UnsupportedInput
+from ..ops import crop as crop_ops
+from ..ops import intensity as iops
+from ..ops import resample as rs
+from ..ops.orientation import axcodes, reorient
+from ..volume import read_volume
+from ..writers import atomic_output
+from . import Conversion, Converter
+
+STEP_NAMES = ("reorient", "resample", "normalize", "clip", "crop_pad", "cast")
+CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
+PATTERN_FIELDS = ("stem", "name", "parent")
+_SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
+_AXIS_PAIRS = ("LR", "AP", "SI")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Pair = tuple[float, float]
+Three = tuple[float, float, float]
+Shape3 = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+
+
+def _three_floats(value):
+    # `spacing: 1.0` means isotropic
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (value, value, value)
+    if isinstance(value, (list, tuple)) and len(value) != 3:
+        raise ValueError(f"expected one or three voxel sizes in mm, found {list(value)}")
+    return value
+
+
+class ResampleParams(_Model):
+    """``resample``: to a voxel ``spacing`` (mm, one or three numbers) or a ``shape``; spline ``order`` 0-5."""
+
+    spacing: Optional[Three] = None
+    shape: Optional[Shape3] = None
+    order: int = Field(3, ge=0, le=5)
+    antialias: bool = True
+
+    @field_validator("spacing", mode="before")
+    @classmethod
+    def _iso(cls, v):
+        return _three_floats(v)
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and not all(math.isfinite(s) and s > 0 for s in v):
+            raise ValueError(f"expected positive voxel sizes in mm, found {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.spacing is None) == (self.shape is None):
+            raise ValueError("give exactly one of spacing (mm) or shape (voxels)")
+        return self
+
+
+class NormalizeParams(_Model):
+    """``normalize``: ``method`` zscore | minmax | percentile | window, per channel."""
+
+    method: Literal["zscore", "minmax", "percentile", "window"]
+    mask: Literal["none", "nonzero"] = "none"
+    range: Optional[Pair] = None
+    percentiles: Optional[Pair] = None
+    level: Optional[float] = None
+    width: Optional[float] = None
+    preset: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _method_keys(self):
+        allowed = {
+            "zscore": {"mask"},
+            "minmax": {"mask", "range"},
+            "percentile": {"mask", "range", "percentiles"},
+            "window": {"range", "level", "width", "preset"},
+        }[self.method]
+        extra = [k for k in ("mask", "range", "percentiles", "level", "width", "preset")
+                 if k not in allowed and k in self.model_fields_set]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} does not apply to method {self.method} "
+                             f"(it takes: {', '.join(sorted(allowed))})")
+        if self.range is not None and self.range[0] == self.range[1]:
+            raise ValueError(f"range: expected two different numbers, found {list(self.range)}")
+        if self.percentiles is not None:
+            _check_percentiles(self.percentiles)
+        if self.method == "window":
+            if self.preset is not None:
+                if self.level is not None or self.width is not None:
+                    raise ValueError("window: give a preset or level and width, not both")
+                if self.preset not in iops.CT_WINDOWS:
+                    raise ValueError(f"preset: unknown CT window {self.preset!r}{_hint(self.preset, iops.CT_WINDOWS)}; "
+                                     f"expected one of {', '.join(iops.CT_WINDOWS)}")
+            elif self.level is None or self.width is None:
+                raise ValueError("window: give a preset name or both level and width (HU)")
+            elif not self.width > 0:
+                raise ValueError(f"width: expected a positive window width (HU), found {self.width}")
+        return self
+
+
+class ClipParams(_Model):
+    """``clip``: to ``percentiles`` of the (masked) voxels, or to an absolute ``range``."""
+
+    percentiles: Optional[Pair] = None
+    range: Optional[Pair] = None
+    mask: Literal["none", "nonzero"] = "none"
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.percentiles is None) == (self.range is None):
+            raise ValueError("give exactly one of percentiles or range")
+        if self.percentiles is not None:
+            _check_percentiles(self.percentiles)
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range: expected [low, high] with low < high, found {list(self.range)}")
+        return self
+
+
+class CropPadParams(_Model):
+    """``crop_pad``: to a fixed spatial ``shape``, window at the ``center`` or on the ``foreground``."""
+
+    shape: Shape3
+    mode: Literal["center", "foreground"] = "center"
+    pad_value: float = 0.0
+    threshold: Optional[float] = None
+
+
+def _check_percentiles(p) -> None:
+    if not 0.0 <= p[0] < p[1] <= 100.0:
+        raise ValueError(f"percentiles: expected [low, high] with 0 <= low < high <= 100, found {list(p)}")
+
+
+class ReorientStep(_Model):
+    reorient: str = "RAS"
+
+    @field_validator("reorient", mode="before")
+    @classmethod
+    def _codes(cls, v):
+        if v is None:
+            return "RAS"
+        if not isinstance(v, str):
+            raise ValueError(f"expected three axis codes such as RAS or LPS, found {v!r}")
+        codes = v.strip().upper()
+        ok = len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in _AXIS_PAIRS)
+        if not ok:
+            raise ValueError(f"expected three axis codes, one of L/R, A/P, S/I each (e.g. RAS, LPS), found {v!r}")
+        return codes
+
+
+class ResampleStep(_Model):
+    resample: ResampleParams
+
+
+class NormalizeStep(_Model):
+    normalize: NormalizeParams
+
+
+class ClipStep(_Model):
+    clip: ClipParams
+
+
+class CropPadStep(_Model):
+    crop_pad: CropPadParams
+
+
+class CastStep(_Model):
+    cast: Literal[CAST_DTYPES] = "float32"  # type: ignore[valid-type]
+
+
+def _step_key(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return next(iter(v)) if len(v) == 1 else None
+    for name in STEP_NAMES:
+        if isinstance(v, BaseModel) and name in type(v).model_fields:
+            return name
+    return None
+
+
+Step = Annotated[
+    Union[
+        Annotated[ReorientStep, Tag("reorient")],
+        Annotated[ResampleStep, Tag("resample")],
+        Annotated[NormalizeStep, Tag("normalize")],
+        Annotated[ClipStep, Tag("clip")],
+        Annotated[CropPadStep, Tag("crop_pad")],
+        Annotated[CastStep, Tag("cast")],
+    ],
+    Discriminator(_step_key),
+]
+
+
+class Options(_Model):
+    """Options of ``to: preprocess`` (the keys beside ``to`` in ``convert:``).
+
+    Attributes
+    ----------
+    steps : tuple of steps
+        Ordered; each a one-key mapping (``{"resample": {"spacing": [1, 1, 1]}}``).
+        ``cast``, if present, comes last.
+    labels : str or None
+        Pairing pattern of the label map, formatted with ``{stem}``, ``{name}``,
+        ``{parent}`` of the image, e.g. ``"{stem}_seg.nii.gz"``.
+    labels_root : str or None
+        Folder holding the label maps; None looks beside each image.
+    labels_required : bool
+        A missing label map fails the task (True) or the image is converted
+        without ``label`` (False).
+    layout : {"channels_first", "channels_last"}
+        ``data`` as ``(C, X, Y, Z)`` or ``(X, Y, Z, C)``.
+    format : {"npz", "npy", "nifti"}
+    nan : {"zero", "keep", "error"}
+        Non-finite voxel policy; see the module docstring.
+    compressed : bool
+        Deflate the ``.npz`` members.
+    """
+
+    to: Literal["preprocess"] = "preprocess"
+    steps: tuple[Step, ...] = ()
+    labels: Optional[str] = None
+    labels_root: Optional[str] = None
+    labels_required: bool = True
+    layout: Literal["channels_first", "channels_last"] = "channels_first"
+    format: Literal["npz", "npy", "nifti"] = "npz"
+    nan: Literal["zero", "keep", "error"] = "zero"
+    compressed: bool = True
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _step_shapes(cls, v):
+        if v is None:
+            return ()
+        if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
+            raise ValueError(f"expected a list of steps, each a one-key mapping such as "
+                             f"{{resample: {{spacing: [1, 1, 1]}}}}, found {type(v).__name__}")
+        items = list(v)
+        names = []
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                names.append(_step_key(item))
+                continue
+            if isinstance(item, str) and item in ("reorient", "cast"):
+                # `- reorient` alone means its default
+                items[i] = item = {item: None if item == "reorient" else "float32"}
+            if not isinstance(item, dict) or len(item) != 1:
+                found = list(item) if isinstance(item, dict) else repr(item)
+                raise ValueError(f"steps[{i}]: expected a one-key mapping (one of {', '.join(STEP_NAMES)}), "
+                                 f"found {found}")
+            key = next(iter(item))
+            if key not in STEP_NAMES:
+                raise ValueError(f"steps[{i}]: unknown step {key!r}{_hint(key, STEP_NAMES)}; "
+                                 f"expected one of {', '.join(STEP_NAMES)}")
+            names.append(key)
+        if "cast" in names and names.index("cast") != len(names) - 1:
+            raise ValueError(f"steps[{names.index('cast')}]: cast must be the last step "
+                             f"(steps after it would work on the cast dtype)")
+        return tuple(items)
+
+    @field_validator("labels")
+    @classmethod
+    def _pattern(cls, v):
+        if v is None:
+            return v
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"invalid pattern {v!r}: {exc}") from None
+        unknown = sorted(f for f in fields if f not in PATTERN_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {v!r}; "
+                             f"expected {', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
+        if not fields:
+            raise ValueError(f"pattern {v!r} has no placeholder: every image would pair with the same file; "
+                             f"use {{stem}} (e.g. \"{{stem}}_seg.nii.gz\")")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_root_needs_labels(self):
+        if self.labels_root is not None and self.labels is None:
+            raise ValueError("labels_root is set but labels (the pairing pattern) is not")
+        return self
+
+
+def _hint(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def steps_as_dicts(options: Options) -> list[dict]:
+    """The steps with every default filled in, JSON-ready (``[{"resample": {...}}, ...]``)."""
+    return [s.model_dump(mode="json") for s in options.steps]
+
+
+# ---------------------------------------------------------------- registry entry points
+
+
+def output_name(stem: str, options: Options) -> str:
+    """``stem + ".npz"`` (or ``.npy``, ``.nii.gz`` by ``options.format``)."""
+    return stem + _SUFFIX[options.format]
+
+
+def pairs(options: Options) -> dict:
+    """``{"label": (pattern, root or None, required)}`` when ``labels`` is set, else ``{}``."""
+    if options.labels is None:
+        return {}
+    return {"label": (options.labels, options.labels_root, options.labels_required)}
+
+
+def convert(task, options: Options) -> Conversion:
+    """Preprocess one image (and its paired label map) for the runner.
+
+    Parameters
+    ----------
+    task : niconv.manifest.Task
+        ``input_path``, ``output_path`` and the ``label`` pair (or None).
+    options : Options
+
+    Returns
+    -------
+    Conversion
+        Outputs, shapes, dtypes, input zooms/axcodes, and ``details``: shape,
+        spacing, orientation and affine before and after; the steps with their
+        defaults; per step and channel the intensity statistics used; NaN
+        voxels replaced; label values.
+
+    Raises
+    ------
+    InputError
+        Unreadable image or label map, label map on another voxel grid, a
+        required label map missing, NaN under ``nan: error``, a cast overflow.
+    UnsupportedInput
+        RGB or complex images, more than 4 dimensions.
+    OutputError
+        The output cannot be written.
+    """
+    label_path = task.pair("label")
+    if options.labels is not None and label_path is None and options.labels_required:
+        root = options.labels_root or "the image's folder"
+        raise InputError(task.input_path, f"label map not found: expected {options.labels!r} in {root} "
+                                          f"(set labels_required: false to convert images without one)")
+    return _preprocess(task.input_path, task.output_path, options, label_path)
+
+
+def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout: str = "channels_first",
+                      format: str | None = None, nan: str = "zero", compressed: bool = True) -> str:
+    """Preprocess one image file without the runner.
+
+    Parameters
+    ----------
+    image_path : str or path-like
+        Any image nibabel reads, shape ``(X, Y, Z[, T])``.
+    output_path : str or path-like
+        ``.npz``, ``.npy``, ``.nii`` or ``.nii.gz``; written atomically.
+    steps : list of dict
+        As in the config, e.g. ``[{"reorient": "RAS"}, {"resample": {"spacing": [1, 1, 1]}},
+        {"normalize": {"method": "zscore", "mask": "nonzero"}}]``.
+    label_path : str or path-like, optional
+        A label map on the image's voxel grid; gets the spatial steps with
+        nearest-neighbour interpolation.
+    layout, nan, compressed
+        As :class:`Options`.
+    format : {"npz", "npy", "nifti"}, optional
+        Default: from ``output_path``'s extension.
+
+    Returns
+    -------
+    str
+        The output path.
+
+    Raises
+    ------
+    ConfigError
+        If ``steps`` or an option is invalid (every problem listed).
+    InputError, UnsupportedInput, OutputError
+        As :func:`convert`.
+    """
+    out = str(output_path)
+    if format is None:
+        low = out.lower()
+        format = next((f for f, suf in (("npz", ".npz"), ("npy", ".npy"), ("nifti", ".nii.gz"),
+                                        ("nifti", ".nii")) if low.endswith(suf)), None)
+        if format is None:
+            raise OutputError(out, "cannot tell the output format: expected a name ending in "
+                                   ".npz, .npy, .nii or .nii.gz (or pass format=)")
+    try:
+        options = Options(to="preprocess", steps=steps, layout=layout, format=format, nan=nan,
+                          compressed=compressed)
+    except ValidationError as exc:
+        errors = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
+        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors)
+        raise ConfigError(errors[0][0] if errors else "steps", text, errors) from None
+    _preprocess(str(image_path), out, options, None if label_path is None else str(label_path))
+    return out
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _preprocess(image_path: str, output_path: str, options: Options, label_path: str | None) -> Conversion:
+    vol = read_volume(image_path)
+    image, raw = vol.image, vol.data
+    affine = vol.affine
+    zooms, in_axcodes = vol.zooms, vol.axcodes
+    in_shape, in_dtype = tuple(int(s) for s in raw.shape), raw.dtype
+    del vol
+    _check_image_dtype(image_path, raw)
+    arr = _channels_first(image_path, raw)
+    del raw
+
+    details: dict = {
+        "steps": steps_as_dicts(options),
+        "before": _geometry(arr, affine),
+        "layout": options.layout,
+        "nan": {"policy": options.nan, "voxels": 0},
+        "applied": [],
+    }
+    details["before"]["dtype"] = in_dtype.name
+
+    label = None
+    if label_path is not None:
+        label = _read_label(label_path, arr.shape[1:], affine)
+        details["label"] = {"path": str(label_path), "values_before": _label_values(label)}
+
+    # float32 working copy, C-ordered per channel; the input array is dropped
+    bad = iops.count_nonfinite(arr)
+    if bad and options.nan == "error":
+        raise InputError(image_path, f"{bad} voxels are NaN or infinite (nan: error); "
+                                     f"set nan: zero to replace them by 0, or nan: keep")
+    arr = _as_float32(arr)
+    if bad and options.nan == "zero":
+        for c in range(arr.shape[0]):
+            iops.replace_nonfinite(arr[c], 0.0)
+    details["nan"]["voxels"] = bad
+
+    for i, step in enumerate(options.steps):
+        name = _step_key(step)
+        where = f"steps[{i}].{name}"
+        try:
+            arr, affine, label, info = _apply(name, getattr(step, name), arr, affine, label)
+        except NiconvError as exc:
+            if exc.where:
+                raise
+            raise type(exc)(image_path, f"{where}: {exc.message}") from None
+        except ValueError as exc:
+            raise InputError(image_path, f"{where}: {exc}") from None
+        details["applied"].append({"step": i, "name": name, **info})
+
+    after = _geometry(arr, affine)
+    if options.layout == "channels_last":
+        arr = np.moveaxis(arr, 0, -1)
+        label = None if label is None else np.moveaxis(label, 0, -1)
+    arr = np.ascontiguousarray(arr)
+    label = None if label is None else np.ascontiguousarray(label)
+    after["shape"] = list(arr.shape)
+    after["dtype"] = arr.dtype.name
+    details["after"] = after
+    if label is not None:
+        details["label"]["values_after"] = _label_values(label)
+
+    outputs = _write(output_path, options, arr, affine, label, image)
+    return Conversion(
+        outputs=tuple(outputs),
+        input_shape=in_shape,
+        input_dtype=in_dtype.name,
+        output_shape=tuple(int(s) for s in arr.shape),
+        output_dtype=arr.dtype.name,
+        zooms=tuple(float(z) for z in zooms),
+        axcodes=in_axcodes,
+        details=details,
+    )
+
+
+def _apply(name, p, arr, affine, label):
+    """Run one step on ``arr`` (C, X, Y, Z) float32 and the label map (1, X, Y, Z) or None."""
+    if name == "reorient":
+        arr, new_affine = _reorient4(arr, affine, p)
+        if label is not None:
+            label, _ = _reorient4(label, affine, p)
+        return arr, new_affine, label, {"axcodes": axcodes(new_affine)}
+
+    if name == "resample":
+        kwargs = {"spacing": p.spacing} if p.spacing is not None else {"shape": p.shape}
+        grid = rs.grid_for_spacing if p.spacing is not None else rs.grid_for_shape
+        new_shape, new_affine, _ = grid(arr.shape[1:], affine, p.spacing if p.spacing is not None else p.shape)
+        out = np.empty((arr.shape[0],) + tuple(new_shape), dtype=arr.dtype if p.order == 0 else np.float32)
+        for c in range(arr.shape[0]):
+            rs.resample(arr[c], affine, order=p.order, antialias=p.antialias, overwrite_input=True,
+                        output=out[c], **kwargs)
+        del arr
+        if label is not None:
+            lab = np.empty((1,) + tuple(new_shape), dtype=label.dtype)
+            rs.resample(label[0], affine, order=0, output=lab[0], **kwargs)
+            label = lab
+        return out, new_affine, label, {"shape": list(new_shape), "spacing": list(rs.spacing_of(new_affine))}
+
+    if name == "normalize":
+        stats = []
+        for c in range(arr.shape[0]):
+            x = arr[c]
+            if p.method == "zscore":
+                stats.append(iops.zscore(x, p.mask))
+            elif p.method == "minmax":
+                stats.append(iops.minmax(x, p.range or (0.0, 1.0), p.mask))
+            elif p.method == "percentile":
+                stats.append(iops.percentile_scale(x, p.percentiles or (0.5, 99.5), p.range or (0.0, 1.0), p.mask))
+            else:
+                level, width = iops.CT_WINDOWS[p.preset] if p.preset else (p.level, p.width)
+                stats.append(iops.window(x, level, width, p.range or (0.0, 1.0)))
+        return arr, affine, label, {"method": p.method, "channels": stats}
+
+    if name == "clip":
+        stats = []
+        for c in range(arr.shape[0]):
+            if p.percentiles is not None:
+                stats.append(iops.clip_percentiles(arr[c], p.percentiles, p.mask))
+            else:
+                stats.append(iops.clip_values(arr[c], p.range[0], p.range[1], p.mask))
+        return arr, affine, label, {"channels": stats}
+
+    if name == "crop_pad":
+        bbox = crop_ops.foreground_bbox(arr, p.threshold) if p.mode == "foreground" else None
+        offsets = crop_ops.window_offsets(arr.shape[1:], p.shape, p.mode, bbox)
+        arr = crop_ops.crop_pad(arr, p.shape, offsets, p.pad_value)
+        if label is not None:
+            label = crop_ops.crop_pad(label, p.shape, offsets, 0)  # label background
+        info = {"offset": list(offsets), "shape": list(p.shape),
+                "foreground_bbox": None if bbox is None else [list(b) for b in bbox]}
+        return arr, crop_ops.shifted_affine(affine, offsets), label, info
+
+    if name == "cast":
+        return iops.cast(arr, p), affine, label, {"dtype": p}
+    raise ValueError(f"unknown step {name!r}")  # unreachable: validated
+
+
+def _reorient4(arr, affine, target):
+    data, new_affine = reorient(np.moveaxis(arr, 0, -1), affine, target)
+    return np.moveaxis(data, -1, 0), new_affine
+
+
+def _check_image_dtype(path: str, data: np.ndarray) -> None:
+    if data.dtype.fields is not None:
+        raise UnsupportedInput(path, f"RGB/structured voxels ({data.dtype}) cannot be preprocessed; "
+                                     f"preprocess expects one scalar per voxel")
+    if data.dtype.kind == "c":
+        raise UnsupportedInput(path, f"complex voxels ({data.dtype.name}) cannot be preprocessed; "
+                                     f"convert to magnitude or phase first")
+    if data.dtype.kind not in "biuf":
+        raise UnsupportedInput(path, f"voxel dtype {data.dtype} is not numeric")
+
+
+def _channels_first(path: str, data: np.ndarray) -> np.ndarray:
+    """(X, Y[, Z[, T, ...]]) -> a (C, X, Y, Z) view."""
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim > 4:
+        extra = data.shape[4:]
+        if all(s == 1 for s in extra):
+            data = data.reshape(data.shape[:4])
+        else:
+            raise UnsupportedInput(path, f"shape {_fmt(data.shape)}: preprocess handles (X, Y, Z) and "
+                                         f"(X, Y, Z, T) images, not {data.ndim} dimensions")
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.ndim != 4:
+        raise UnsupportedInput(path, f"shape {_fmt(data.shape)}: expected (X, Y, Z) or (X, Y, Z, T)")
+    return np.moveaxis(data, -1, 0)
+
+
+def _as_float32(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.float32 and arr.flags.writeable:
+        return arr  # our own read buffer: process it in place
+    out = np.empty(arr.shape, dtype=np.float32)
+    for c in range(arr.shape[0]):
+        np.copyto(out[c], arr[c], casting="unsafe")
+    return out
+
+
+def _read_label(path: str, shape, affine) -> np.ndarray:
+    lab = read_volume(path)
+    data = lab.data
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        raise InputError(path, f"label map voxels are {data.dtype}; expected integer labels")
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"label map shape {_fmt(data.shape)}: expected (X, Y, Z)")
+    rs.check_same_grid(shape, affine, data.shape, lab.affine, path)
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise InputError(path, "label map holds non-integer or NaN values; expected integer labels")
+    return data[None]
+
+
+def _label_values(label: np.ndarray) -> list:
+    if label.dtype.kind in "ub" and label.dtype.itemsize == 1:
+        counts = np.bincount(label.reshape(-1).view(np.uint8), minlength=1)
+        return [int(v) for v in np.flatnonzero(counts)]
+    return [v.item() for v in np.unique(label)]
+
+
+def _geometry(arr: np.ndarray, affine: np.ndarray) -> dict:
+    return {
+        "shape": [int(s) for s in arr.shape[1:]] + ([int(arr.shape[0])] if arr.shape[0] > 1 else []),
+        "spacing": list(rs.spacing_of(affine)),
+        "axcodes": axcodes(affine),
+        "affine": [[float(v) for v in row] for row in np.asarray(affine)],
+    }
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write(output_path: str, options: Options, arr, affine, label, image) -> list[str]:
+    spacing = np.asarray(rs.spacing_of(affine), dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
+    outputs = [str(output_path)]
+    if options.format == "npz":
+        arrays = {"data": arr, "affine": affine, "spacing": spacing}
+        if label is not None:
+            arrays["label"] = label
+        with atomic_output(output_path) as tmp:
+            write_npz(tmp, arrays, compressed=options.compressed)
+        return outputs
+    label_path = _label_output(output_path)
+    if options.format == "npy":
+        with atomic_output(output_path) as tmp:
+            _write_npy(tmp, arr)
+        if label is not None:
+            with atomic_output(label_path) as tmp:
+                _write_npy(tmp, label)
+            outputs.append(label_path)
+        return outputs
+    # nifti: always (X, Y, Z[, C]), whatever the layout
+    xyzc = arr if options.layout == "channels_last" else np.moveaxis(arr, 0, -1)
+    if xyzc.shape[-1] == 1:
+        xyzc = xyzc[..., 0]
+    _write_nifti(output_path, xyzc, affine, image, intent=None)
+    if label is not None:
+        lab = label[0] if options.layout == "channels_first" else label[..., 0]
+        _write_nifti(label_path, lab, affine, image, intent="label")
+        outputs.append(label_path)
+    return outputs
+
+
+def _label_output(output_path: str) -> str:
+    p = str(output_path)
+    for suffix in (".nii.gz", ".nii", ".npy", ".npz"):
+        if p.lower().endswith(suffix):
+            return p[: -len(suffix)] + "_label" + p[-len(suffix):]
+    return p + "_label"
+
+
+def _write_npy(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, arr, allow_pickle=False)
+
+
+def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent: str | None) -> None:
+    img = nib.Nifti1Image(data, affine, dtype=data.dtype)
+    hdr = img.header
+    codes = (1, 1)
+    src = getattr(source, "header", None)
+    if isinstance(src, nib.Nifti1Header):  # keep the source's meaning of world space (scanner, aligned, MNI...)
+        codes = (max(int(src["sform_code"]), 1), max(int(src["qform_code"]), 1))
+    img.set_sform(affine, code=codes[0])
+    img.set_qform(affine, code=codes[1])
+    hdr.set_xyzt_units("mm")
+    if intent:
+        hdr.set_intent(intent)
+    compress = str(path).lower().endswith(".gz")
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as raw:
+            # gzip without file name or time stamp: same bytes on every run
+            fobj = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) if compress else raw
+            try:
+                img.to_file_map({"image": nib.FileHolder(fileobj=fobj)})
+            finally:
+                if compress:
+                    fobj.close()
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+# Peak memory of one task in multiples of the input array's bytes, measured with
+# benchmarks/bench_preprocess.py on an int16 CT resampled to 1 mm and z-scored
+# (input read + float32 working copy + resampled float32 output). Upsampling
+# scales the output term by the voxel-count ratio.
+CONVERTER = Converter(
+    name="preprocess",
+    options=Options,
+    output_name=output_name,
+    convert=convert,
+    pairs=pairs,
+    memory_factor=6.0,
+    inputs="image",
+)

@@ -1,0 +1,179 @@
+"""`niconv run` end to end on the real cohort: outputs, CSV log, exit codes."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from niconv.log import COLUMNS
+from conftest import niconv, write_config
+
+DESIGN_COLUMNS = ["task_id", "status", "converter", "input_path", "output_path", "input_shape", "input_dtype",
+                  "output_shape", "output_dtype", "zooms", "axcodes", "bytes_in", "bytes_out", "sha256", "seconds",
+                  "error_type", "error_message"]
+
+
+def rows_of(log):
+    with open(log, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_log_columns_follow_the_contract():
+    assert list(COLUMNS[: len(DESIGN_COLUMNS)]) == DESIGN_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def cohort_run(cohort, tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    cfg = write_config(work, f"""
+input:
+  root: {cohort}
+output:
+  root: out
+jobs: 2
+convert:
+  to: numpy
+""")
+    proc = niconv("run", cfg, "--quiet")
+    return work, proc
+
+
+def test_cohort_run_converts_every_nibabel_file(cohort_run, cohort):
+    work, proc = cohort_run
+    assert proc.returncode == 0, proc.stderr
+    assert "16 converted" in proc.stdout and "29 skipped" in proc.stdout and "0 failed" in proc.stdout
+    rows = {r["input_path"]: r for r in rows_of(work / "out" / "niconv_log.csv")}
+    assert len(rows) == 16 + 29
+    ok = {p: r for p, r in rows.items() if r["status"] == "ok"}
+    assert len(ok) == 16
+    r = ok[str(cohort / "nib_example4d.nii.gz")]
+    assert (r["input_shape"], r["input_dtype"], r["output_shape"], r["output_dtype"]) == (
+        "128x96x24x2", "int16", "128x96x24x2", "int16")
+    assert (r["zooms"], r["axcodes"], r["converter"]) == ("2x2x2.2x2000", "LAS", "numpy")
+    assert r["output_path"] == str(work / "out" / "nib_example4d.npz")
+    assert int(r["bytes_in"]) == (cohort / "nib_example4d.nii.gz").stat().st_size
+    assert int(r["bytes_out"]) == (work / "out" / "nib_example4d.npz").stat().st_size
+    assert ok[str(cohort / "fs_brainmask.mgz")]["axcodes"] == "LIA"
+    assert ok[str(cohort / "nib_functional.nii")]["output_dtype"] == "float32"
+    assert ok[str(cohort / "ct_perfusion_rgb24.nii.gz")]["output_dtype"] == "rgb24"
+    # every array equals nibabel's (scaled ones to float32 precision)
+    for path, row in ok.items():
+        img = nib.load(path)
+        expected = np.asanyarray(img.dataobj)
+        data = np.load(row["output_path"])["data"]
+        assert data.shape == img.shape
+        if expected.dtype == np.float64 and data.dtype == np.float32:
+            np.testing.assert_allclose(data, expected, rtol=1e-6, atol=1e-5)
+        else:
+            assert np.array_equal(data, expected, equal_nan=data.dtype.kind == "f"), path
+
+
+def test_dicom_reported_skipped_with_reason(cohort_run, cohort):
+    work, _ = cohort_run
+    rows = [r for r in rows_of(work / "out" / "niconv_log.csv") if r["input_path"].endswith(".dcm")]
+    assert len(rows) == 29
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert all("DICOM is not supported" in r["error_message"] for r in rows)
+    assert not list((work / "out").rglob("*.dcm*"))
+
+
+def test_outputs_mirror_the_input_tree(cohort_run):
+    work, _ = cohort_run
+    assert not (work / "out" / "dicom_philips_epi").exists()  # nothing converted there
+    assert (work / "out" / "spm99_single_subj_T1.npz").exists()
+    record = json.loads((work / "out" / "niconv_log.run.json").read_text())
+    assert record["counts"]["converted"] == 16 and record["config"]["convert"]["to"] == "numpy"
+
+
+def test_one_corrupt_file_costs_only_its_row(cohort, tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "sub-01").mkdir(parents=True)
+    (raw / "sub-02").mkdir()
+    shutil.copy(cohort / "dipy_aniso_vox.nii.gz", raw / "sub-01" / "t1.nii.gz")
+    shutil.copy(cohort / "sct_t2s.nii.gz", raw / "sub-02" / "t1.nii.gz")
+    good = (cohort / "nib_example4d.nii.gz").read_bytes()
+    (raw / "sub-02" / "bad.nii.gz").write_bytes(good[: len(good) // 3])  # truncated gzip
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\njobs: 2\nconvert: {to: numpy}\n")
+    proc = niconv("run", cfg, "--quiet")
+    assert proc.returncode == 1
+    rows = {r["input_path"].split("raw/")[1]: r for r in rows_of(tmp_path / "out" / "niconv_log.csv")}
+    assert {k: v["status"] for k, v in rows.items()} == {
+        "sub-01/t1.nii.gz": "ok", "sub-02/bad.nii.gz": "failed", "sub-02/t1.nii.gz": "ok"}
+    bad = rows["sub-02/bad.nii.gz"]
+    assert "bad.nii.gz" in bad["error_message"] and "truncated" in bad["error_message"]
+    assert bad["error_type"] == "InputError"
+    assert np.load(tmp_path / "out" / "sub-01" / "t1.npz")["data"].dtype == np.int16
+    assert not (tmp_path / "out" / "sub-02" / "bad.npz").exists()
+
+
+def test_jobs_1_same_code_path_same_bytes(cohort, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("nib_example4d.nii.gz", "fs_brainmask.mgz", "nib_functional.nii"):
+        shutil.copy(cohort / name, raw / name)
+    digests = []
+    for jobs in (1, 2):
+        cfg = write_config(tmp_path, f"input: {{root: raw}}\noutput: {{root: out{jobs}}}\njobs: {jobs}\nconvert: {{to: numpy}}\n",
+                           name=f"c{jobs}.yaml")
+        assert niconv("run", cfg, "--quiet").returncode == 0
+        digests.append(sorted((r["input_path"], r["sha256"]) for r in rows_of(tmp_path / f"out{jobs}" / "niconv_log.csv")))
+    assert digests[0] == digests[1]
+
+
+def test_nifti_converter_with_reference_pattern(cohort, tmp_path):
+    """Arrays paired with their original images by `{stem}.nii.gz` in a reference folder."""
+    refs = tmp_path / "refs"
+    (refs / "sub-01").mkdir(parents=True)
+    shutil.copy(cohort / "dipy_aniso_vox.nii.gz", refs / "sub-01" / "t1.nii.gz")
+    preds = tmp_path / "preds" / "sub-01"
+    preds.mkdir(parents=True)
+    np.save(preds / "t1.npy", np.ones((58, 58, 24), np.float32))
+    np.save(preds / "orphan.npy", np.ones((58, 58, 24), np.float32))
+    cfg = write_config(tmp_path, """
+input: {root: preds}
+output: {root: nii}
+jobs: 1
+convert:
+  to: nifti
+  reference: "{stem}.nii.gz"
+  reference_root: refs
+""")
+    proc = niconv("run", cfg, "--quiet")
+    assert proc.returncode == 1
+    rows = {r["input_path"].rsplit("/", 1)[1]: r for r in rows_of(tmp_path / "nii" / "niconv_log.csv")}
+    assert rows["t1.npy"]["status"] == "ok" and rows["orphan.npy"]["status"] == "failed"
+    assert "no reference image matching '{stem}.nii.gz'" in rows["orphan.npy"]["error_message"]
+    img = nib.load(tmp_path / "nii" / "sub-01" / "t1.nii.gz")
+    assert img.get_data_dtype() == np.float32
+    assert np.allclose(img.affine, nib.load(str(cohort / "dipy_aniso_vox.nii.gz")).affine)
+    assert gzip.open(tmp_path / "nii" / "sub-01" / "t1.nii.gz").read(4) == (348).to_bytes(4, "little")
+
+
+def test_output_collision_is_reported_before_any_work(cohort, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(cohort / "nib_anatomical.nii", raw / "a.nii")
+    shutil.copy(cohort / "dipy_aniso_vox.nii.gz", raw / "a.nii.gz")
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n")
+    proc = niconv("run", cfg)
+    assert proc.returncode == 2
+    assert "would be written by more than one input" in proc.stderr and "a.npz" in proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.npz"))
+
+
+def test_plan_lists_tasks_and_converts_nothing(cohort, tmp_path):
+    cfg = write_config(tmp_path, f"input: {{root: {cohort}, include: ['*.mgz', '*.mnc']}}\noutput: {{root: out}}\nconvert: {{to: numpy}}\n")
+    proc = niconv("plan", cfg)
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["pending"] * 3
+    assert [ln.split(" -> ")[1].rsplit("/", 1)[1] for ln in lines] == [
+        "fs_brainmask.npz", "nib_minc1_1_scale.npz", "nib_small.npz"]
+    assert not (tmp_path / "out").exists()
+    proc = niconv("plan", cfg, "--csv")
+    assert proc.stdout.splitlines()[0] == "task_id,state,converter,input_path,output_path,bytes_in"
