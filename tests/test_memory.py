@@ -1,0 +1,58 @@
+"""Memory-aware parallelism: never more concurrent tasks than fit in the budget."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+
+from niconv.config import load_config
+from niconv.runner import concurrency_groups, estimate_memory
+from niconv.scan import build_manifest
+from conftest import niconv, write_config
+
+
+def _cohort(tmp_path, cohort):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(cohort / "fs_brainmask.mgz", raw / "big.mgz")             # 256^3 uint8: 16.8 MB
+    shutil.copy(cohort / "nib_example_nifti2.nii.gz", raw / "small1.nii.gz")  # 32x20x12x2 int16: 30 KB
+    shutil.copy(cohort / "dipy_aniso_vox.nii.gz", raw / "small2.nii.gz")      # 58x58x24 int16: 161 KB
+    return raw
+
+
+def test_estimate_is_voxels_times_itemsize_times_factor(cohort, tmp_path):
+    _cohort(tmp_path, cohort)
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n")
+    tasks = {t.rel_path: t for t in build_manifest(load_config(cfg))}
+    assert estimate_memory(tasks["big.mgz"]) == int(256 ** 3 * 1 * 1.5)
+    assert estimate_memory(tasks["small2.nii.gz"]) == int(58 * 58 * 24 * 2 * 1.5)
+
+
+def test_budget_forces_serialization_of_big_tasks_only(cohort, tmp_path):
+    _cohort(tmp_path, cohort)
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n")
+    tasks = build_manifest(load_config(cfg))
+    big = int(256 ** 3 * 1.5)
+    # room for one big task at a time, plenty for the small ones
+    groups = concurrency_groups(tasks, jobs=4, budget=big + 1)
+    assert [(w, sorted(t.rel_path for t in g)) for w, g in groups] == [
+        (4, ["small1.nii.gz", "small2.nii.gz"]), (1, ["big.mgz"])]
+    # a budget too small for anything: everything runs one at a time
+    assert [(w, len(g)) for w, g in concurrency_groups(tasks, jobs=4, budget=1000)] == [(1, 3)]
+    # a large budget: all together
+    assert [(w, len(g)) for w, g in concurrency_groups(tasks, jobs=2, budget=10 ** 12)] == [(2, 3)]
+
+
+def test_run_with_a_tight_budget_converts_everything(cohort, tmp_path):
+    _cohort(tmp_path, cohort)
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\njobs: 2\nmemory_budget: 1MiB\n"
+                                 "convert: {to: numpy}\n")
+    proc = niconv("run", cfg, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 converted" in proc.stdout
+    record = json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())
+    assert record["config"]["memory_budget"] == 2 ** 20
+    data = np.load(tmp_path / "out" / "big.npz")["data"]
+    assert data.dtype == np.uint8 and np.array_equal(data, np.asanyarray(nib.load(str(cohort / "fs_brainmask.mgz")).dataobj))
