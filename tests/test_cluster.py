@@ -7,7 +7,6 @@ The shard, script and status tests need no engine.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import random
@@ -18,11 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from niconv import cluster
 from niconv.config import load_config
-from niconv.errors import ClusterError
+from niconv.errors import ClusterError, ConfigError
+from niconv.log import latest_by_task, read_rows
 from niconv.manifest import Task, shard
+from niconv.runner import run
 from niconv.scan import build_manifest
 from conftest import niconv, write_config
 
@@ -82,11 +84,13 @@ cluster:
 
 
 def outcome(config_path: Path, log: Path | None = None) -> tuple[list[dict], dict[str, str]]:
-    """The log rows (manifest order, output paths relative) and the sha256 of every output file."""
+    """The log rows of a run (by task id, output paths relative) and the sha256 of every output file.
+
+    Rows come from ``log``, else the latest row per task across the run's logs.
+    """
     config = load_config(config_path)
     root = Path(config.output.root)
-    rows = cluster.latest_rows(config, build_manifest(config)) if log is None else {
-        r["task_id"]: r for r in csv.DictReader(open(log, newline=""))}
+    rows = cluster.latest_rows(config, build_manifest(config)) if log is None else latest_by_task(read_rows(log))
     norm = [{k: (os.path.relpath(v, root) if k == "output_path" else v) for k, v in r.items() if k not in VOLATILE}
             for r in rows.values()]
     files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -184,7 +188,10 @@ def test_slurm_options_come_from_the_config(tmp_path, cohort):
     for want in ("#SBATCH --partition=long", "#SBATCH --cpus-per-task=3", "#SBATCH --account=lab",
                  "#SBATCH --qos=low", "source venv/bin/activate", f"--output={tmp_path / 'job-logs'}/"):
         assert want in scripts[0]
-    with pytest.raises(Exception, match="cluster.slurm.mem|expected a SLURM memory"):
+    retry = cluster.submit(cfg, load_config(cfg), 5, only=[3], retry_failed=True, dry_run=True, max_size=2)
+    assert len(retry) == 1 and "#SBATCH --array=1\n" in retry[0] and "SHARD=$((2 + SLURM_ARRAY_TASK_ID))" in retry[0]
+    assert retry[0].rstrip().endswith("--quiet --retry-failed")  # failed tasks are redone, not skipped
+    with pytest.raises((ConfigError, ValidationError), match="expected a SLURM memory size"):
         cluster.cluster_options(load_config(make_config(tmp_path, cohort, "    mem: lots\n")))
 
 
@@ -200,18 +207,18 @@ def test_status_merge_and_retry_from_shard_logs(tmp_path, cohort):
     tasks = build_manifest(config)
     owner = {t.task_id: i for i in range(4) for t in shard(tasks, i, 4)}
     broken = next(t for t in tasks if t.input_path.endswith("broken.nii.gz"))
-    skipped = next(i for i in range(4) if i != owner[broken.task_id] and shard(tasks, i, 4))
+    not_run = next(i for i in range(4) if i != owner[broken.task_id] and shard(tasks, i, 4))
     for i in range(4):
-        if i != skipped:
-            niconv("run", cfg, "--shard", f"{i}/4", "--quiet")
+        if i != not_run:
+            run(config, tasks, jobs=1, shard=(i, 4), progress=False)
 
     st = cluster.status(config)
-    assert (st.total, st.failed, st.pending) == (5, 1, len(shard(tasks, skipped, 4)))
+    assert (st.total, st.failed, st.pending) == (5, 1, len(shard(tasks, not_run, 4)))
     assert st.done == 5 - 1 - st.pending and st.failures[0][0] == broken.input_path
-    assert cluster.shards_to_retry(config, 4) == sorted({skipped, owner[broken.task_id]})
+    assert cluster.shards_to_retry(config, 4) == sorted({not_run, owner[broken.task_id]})
     merged = cluster.merge(config)
-    ids = [r["task_id"] for r in csv.DictReader(open(merged, newline=""))]
-    assert ids == [t.task_id for t in tasks if owner[t.task_id] != skipped]  # manifest order, pending absent
+    ids = [r["task_id"] for r in read_rows(merged)]
+    assert ids == [t.task_id for t in tasks if owner[t.task_id] != not_run]  # manifest order, pending absent
     assert niconv("status", cfg).returncode == 1
 
 
@@ -229,8 +236,7 @@ def test_slurm_array_of_4_shards_equals_a_local_run(slurm, reference, tmp_path, 
     assert "#SBATCH --array=0-3\n" in script
     assert niconv("merge", cfg).returncode == 0
     tasks = build_manifest(config)
-    merged = list(csv.DictReader(open(config.log_path, newline="")))
-    assert [r["task_id"] for r in merged] == [t.task_id for t in tasks]
+    assert [r["task_id"] for r in read_rows(config.log_path)] == [t.task_id for t in tasks]
     assert outcome(cfg, config.log_path) == reference
 
 
@@ -241,10 +247,10 @@ def test_cancelled_array_task_is_resubmitted_by_retry_failed(slurm, reference, t
     config = load_config(cfg)
     first, second = cluster.submit(cfg, config, 4, max_size=3)
     end = time.monotonic() + 30
-    while squeue_states(first).get(0) != "RUNNING":
-        assert time.monotonic() < end, "array task 0 never started"
+    # midway: array task 0 has started, task 2 (shard 2) is still held back by %1
+    while (states := squeue_states(first)).get(0) == "PENDING" or states.get(2) != "PENDING":
+        assert time.monotonic() < end, f"array {first} never reached 'task 0 started, task 2 pending': {states}"
         time.sleep(0.1)
-    # array task 2 (shard 2) is still held back by %1: cancel it midway through the run
     subprocess.run(["scancel", f"{first}_2"], check=True)
     cluster.wait([first, second], timeout=60)
     st = cluster.status(config)

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ClusterError
-from .manifest import Task, shard
+from .errors import ClusterError, ConfigError
+from .manifest import Task, shard_owners
 from .paths import resolve_path
 
 # SLURM's compiled-in MaxArraySize, used by --dry-run when scontrol is unavailable.
@@ -140,12 +140,7 @@ class ClusterOptions(_Model):
 
 def cluster_options(config) -> ClusterOptions:
     """The validated ``cluster:`` section of ``config`` (defaults when absent)."""
-    raw = getattr(config, "cluster", None)
-    if isinstance(raw, ClusterOptions):
-        return raw
-    source = getattr(config, "source", None)
-    base = str(Path(source).parent) if source else "."
-    return ClusterOptions.model_validate(raw or {}, context={"base": base})
+    return config.cluster
 
 
 # --------------------------------------------------------------------------- commands
@@ -237,7 +232,7 @@ def sbatch_script(config_path: str | os.PathLike, shards: int, partition: str | 
                   max_parallel: int | None = None, extra_sbatch_lines: list[str] = (),
                   preamble: str = "", array_range: str | None = None, *, offset: int = 0,
                   job_name: str = "niconv", logs_dir: str | os.PathLike = "slurm-logs",
-                  command: str = "niconv") -> str:
+                  command: str = "niconv", retry_failed: bool = False) -> str:
     """The sbatch script of one array of shards.
 
     Parameters
@@ -266,6 +261,8 @@ def sbatch_script(config_path: str | os.PathLike, shards: int, partition: str | 
         Folder of the per-task ``<job name>-<array job id>_<index>.out``/``.err``.
     command : str
         The niconv executable as the job's shell should call it.
+    retry_failed : bool
+        Pass ``--retry-failed``: redo tasks that failed before (a resubmission).
 
     Returns
     -------
@@ -300,14 +297,16 @@ def sbatch_script(config_path: str | os.PathLike, shards: int, partition: str | 
         f'echo "niconv shard $SHARD/{shards} on $(hostname) (job $SLURM_JOB_ID)"',
         # exec: scancel and the time limit signal niconv itself, not a waiting shell
         f"exec {command} run {shlex.quote(os.path.abspath(config_path))} "
-        f'--shard "$SHARD/{shards}" --jobs "$SLURM_CPUS_PER_TASK" --quiet',
+        f'--shard "$SHARD/{shards}" --jobs "$SLURM_CPUS_PER_TASK" --quiet'
+        + (" --retry-failed" if retry_failed else ""),
         "",
     ]
     return "\n".join(out)
 
 
 def submit(config_path: str | os.PathLike, config, shards: int, options: SlurmOptions | None = None,
-           only: list[int] | None = None, dry_run: bool = False, max_size: int | None = None) -> list[str]:
+           only: list[int] | None = None, dry_run: bool = False, max_size: int | None = None,
+           retry_failed: bool = False) -> list[str]:
     """Submit the shards of a run as SLURM job arrays with ``sbatch --parsable``.
 
     Parameters
@@ -327,6 +326,8 @@ def submit(config_path: str | os.PathLike, config, shards: int, options: SlurmOp
     max_size : int, optional
         MaxArraySize; default asked from ``scontrol show config`` (SLURM's
         default 1001 for a dry run on a machine without SLURM).
+    retry_failed : bool
+        The shards redo the tasks that failed before (``--retry-failed``).
 
     Returns
     -------
@@ -356,7 +357,7 @@ def submit(config_path: str | os.PathLike, config, shards: int, options: SlurmOp
         (job, sbatch_script(config_path, shards, options.partition, options.time, options.mem, options.cpus,
                             options.max_parallel, options.sbatch, options.preamble, job.array_range,
                             offset=job.offset, job_name=options.job_name, logs_dir=logs_dir,
-                            command=options.command))
+                            command=options.command, retry_failed=retry_failed))
         for job in plan_arrays(wanted, max_size)
     ]
     if dry_run:
@@ -581,20 +582,22 @@ def shards_to_retry(config, shards: int, tasks: tuple[Task, ...] | None = None) 
     """
     tasks = _manifest(config) if tasks is None else tasks
     latest = latest_rows(config, tasks)
-    return [i for i in range(shards)
-            if not all(_is_done(latest.get(t.task_id)) for t in shard(tasks, i, shards))]
+    return sorted({s for t, s in zip(tasks, shard_owners(tasks, shards)) if not _is_done(latest.get(t.task_id))})
 
 
 def shard_count(config, tasks: tuple[Task, ...]) -> int:
-    """The N of the last submission, else of the newest shard log, else the default."""
+    """The N of a run: of the last submission, else of the newest shard log, else :func:`default_shards`."""
     subs = submissions(config)
     if subs:
         return int(subs[-1]["shards"])
     found = [_shard_of(p, Path(config.log_path)) for p in log_files(config.log_path)]
     found = [f for f in found if f]
-    if found:
-        return found[-1][1]
-    return max(1, math.ceil(len(tasks) / TASKS_PER_SHARD))
+    return found[-1][1] if found else default_shards(len(tasks))
+
+
+def default_shards(n_tasks: int) -> int:
+    """One shard per :data:`TASKS_PER_SHARD` tasks, at least one."""
+    return max(1, math.ceil(n_tasks / TASKS_PER_SHARD))
 
 
 def _manifest(config) -> tuple[Task, ...]:
@@ -681,7 +684,27 @@ def dask_client(scheduler: str | None = None, *, jobqueue: JobqueueOptions | Non
                 client.wait_for_workers(wanted, timeout=timeout)
             except TimeoutError as exc:
                 raise ClusterError(where, f"{wanted} Dask worker(s) did not join within {timeout:g} s") from exc
+            _check_workers(client, where)
         yield client
+
+
+def _niconv_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _check_workers(client, where: str) -> None:
+    """Refuse workers running another niconv: their outputs would differ from a local run's."""
+    try:
+        found = client.run(_niconv_version)
+    except Exception as exc:  # the worker's own error, e.g. ModuleNotFoundError
+        raise ClusterError(where, f"the Dask workers cannot run niconv ({type(exc).__name__}: {exc}); "
+                                  "install the same niconv in the workers' environment") from exc
+    other = {w: v for w, v in found.items() if v != _niconv_version()}
+    if other:
+        raise ClusterError(where, f"Dask workers run another niconv version than this one ({_niconv_version()}): "
+                                  + ", ".join(f"{w}: {v}" for w, v in sorted(other.items())))
 
 
 @contextlib.contextmanager
@@ -710,17 +733,23 @@ def cmd_submit(args) -> int:
     """``niconv submit CONFIG --slurm ...``: submit (or print) the sbatch arrays; 0 on success."""
     from .config import load_config
 
-    if not getattr(args, "slurm", True):
+    if not args.slurm:
         print("niconv submit: say where to submit: --slurm", file=sys.stderr)
         return 2
     config = load_config(args.config)
     base = cluster_options(config).slurm
-    overrides = {k: getattr(args, k, None) for k in ("partition", "time", "mem", "cpus", "max_parallel")}
-    options = SlurmOptions.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    overrides = {k: getattr(args, k) for k in ("partition", "time", "mem", "cpus", "max_parallel")
+                 if getattr(args, k) is not None}
+    try:
+        options = SlurmOptions.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = [("--" + str(e["loc"][0]).replace("_", "-"), e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]
+        raise ConfigError("command line", "; ".join(f"{k}: {m}" for k, m in problems), problems) from exc
     tasks = _manifest(config)
-    shards = getattr(args, "shards", None) or options.shards
+    shards = args.shards or options.shards
     only = None
-    if getattr(args, "retry_failed", False):
+    if args.retry_failed:
         shards = shards or shard_count(config, tasks)
         retry = shards_to_retry(config, shards, tasks)
         live = live_shards(config, shards) if not args.dry_run else set()
@@ -731,14 +760,15 @@ def cmd_submit(args) -> int:
         if not only:
             print("nothing to resubmit" + ("" if retry else f": every task of the {shards} shards is done"))
             return 0
-    shards = shards or max(1, math.ceil(len(tasks) / TASKS_PER_SHARD))
-    result = submit(args.config, config, shards, options, only=only, dry_run=args.dry_run)
+    shards = shards or default_shards(len(tasks))
+    result = submit(args.config, config, shards, options, only=only, dry_run=args.dry_run,
+                    retry_failed=args.retry_failed)
     if args.dry_run:
         print("\n".join(result), end="")
         return 0
     count = shards if only is None else len(only)
     print(f"submitted {count} of {shards} shards ({len(tasks)} tasks) as job array(s): {' '.join(result)}")
-    if not getattr(args, "wait", False):
+    if not args.wait:
         print(f"follow with: niconv status {args.config}")
         return 0
     wait(result)
@@ -772,7 +802,7 @@ def cmd_merge(args) -> int:
     config = load_config(args.config)
     tasks = _manifest(config)
     st = status(config, tasks)
-    path = merge(config, tasks, getattr(args, "output", None))
+    path = merge(config, tasks, args.output)
     print(f"merged {st.done + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
           + (f"; {st.failed} failed, {st.pending} pending" if st.done != st.total else ""))
     return 0 if st.done == st.total else 1

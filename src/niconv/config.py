@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator  # noqa: F401
 
 from . import converters
+from .cluster import ClusterOptions
 from .errors import ConfigError
 from .paths import resolve_path
 
@@ -94,7 +95,8 @@ class Config(_Model):
         None, description="bytes (or '8GiB'), or a fraction of available RAM (0.5); default 0.7 of available RAM")
     backend: Literal["loky", "dask"] = "loky"
     scheduler: Optional[str] = Field(None, description="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
-    cluster: Optional[dict] = Field(None, description="SLURM submission settings (see niconv submit)")
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions,
+                                    description="cluster runs: SLURM arrays (slurm), Dask workers as SLURM jobs (jobqueue)")
     source: Optional[Path] = Field(None, description="the config file (set by load_config)")
 
     _log = field_validator("log", mode="before")(resolve_path)

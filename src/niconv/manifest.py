@@ -7,6 +7,7 @@ same ids on any machine, and a changed input gets a new id (resume redoes it).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -76,12 +77,34 @@ def task_id(identity: dict, converter: str, options: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:
+    """The shard number of each task of a manifest, in manifest order.
+
+    Tasks are assigned greedily, largest first, to the shard with the fewest
+    bytes so far (ties: lowest shard number, then manifest order). Deterministic:
+    every shard computes the same split. O(n log n), so a thousand shards of a
+    large manifest cost one pass, not one pass per shard.
+
+    Raises
+    ------
+    ValueError
+        If ``count < 1``.
+    """
+    if count < 1:
+        raise ValueError(f"shard count {count}: expected N >= 1")
+    heap = [(0, s) for s in range(count)]  # (bytes so far, shard): pops the lightest, lowest number on ties
+    owner = [0] * len(tasks)
+    for i in sorted(range(len(tasks)), key=lambda i: (-tasks[i].bytes_in, i)):
+        load, s = heapq.heappop(heap)
+        owner[i] = s
+        heapq.heappush(heap, (load + max(tasks[i].bytes_in, 1), s))
+    return tuple(owner)
+
+
 def shard(tasks: tuple[Task, ...], index: int, count: int) -> tuple[Task, ...]:
     """Shard ``index`` of ``count`` of a manifest, balanced by input bytes.
 
-    Tasks are assigned greedily, largest first, to the shard with the fewest
-    bytes so far (ties: lowest shard number, then manifest order); the result
-    keeps manifest order. Deterministic: every shard computes the same split, and
+    See :func:`shard_owners` for the split; the result keeps manifest order, and
     the union of all shards is the manifest, each task exactly once.
 
     Raises
@@ -91,11 +114,4 @@ def shard(tasks: tuple[Task, ...], index: int, count: int) -> tuple[Task, ...]:
     """
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: expected 0 <= I < N and N >= 1")
-    loads = [0] * count
-    owner = {}
-    order = sorted(range(len(tasks)), key=lambda i: (-tasks[i].bytes_in, i))
-    for i in order:
-        target = min(range(count), key=lambda s: (loads[s], s))
-        owner[i] = target
-        loads[target] += max(tasks[i].bytes_in, 1)
-    return tuple(t for i, t in enumerate(tasks) if owner[i] == index)
+    return tuple(t for t, s in zip(tasks, shard_owners(tasks, count)) if s == index)
