@@ -49,11 +49,12 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from ..codec import write_npz
-from ..errors import ConfigError, InputError, NiconvError, OutputError, UnsupportedInput
+from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedInput
 from ..ops import crop as crop_ops
 from ..ops import intensity as iops
 from ..ops import resample as rs
 from ..ops.orientation import axcodes, reorient
+from ..paths import resolve_path
 from ..volume import read_volume
 from ..writers import atomic_output
 from . import Conversion, Converter
@@ -129,8 +130,9 @@ class NormalizeParams(_Model):
             "percentile": {"mask", "range", "percentiles"},
             "window": {"range", "level", "width", "preset"},
         }[self.method]
+        # None counts as absent, so a dump of resolved options validates again
         extra = [k for k in ("mask", "range", "percentiles", "level", "width", "preset")
-                 if k not in allowed and k in self.model_fields_set]
+                 if k not in allowed and k in self.model_fields_set and getattr(self, k) is not None]
         if extra:
             raise ValueError(f"{', '.join(extra)} does not apply to method {self.method} "
                              f"(it takes: {', '.join(sorted(allowed))})")
@@ -254,8 +256,9 @@ class Options(_Model):
     labels : str or None
         Pairing pattern of the label map, formatted with ``{stem}``, ``{name}``,
         ``{parent}`` of the image, e.g. ``"{stem}_seg.nii.gz"``.
-    labels_root : str or None
-        Folder holding the label maps; None looks beside each image.
+    labels_root : pathlib.Path or None
+        Folder holding the label maps (relative to the config file's folder);
+        None looks beside each image.
     labels_required : bool
         A missing label map fails the task (True) or the image is converted
         without ``label`` (False).
@@ -263,20 +266,28 @@ class Options(_Model):
         ``data`` as ``(C, X, Y, Z)`` or ``(X, Y, Z, C)``.
     format : {"npz", "npy", "nifti"}
     nan : {"zero", "keep", "error"}
-        Non-finite voxel policy; see the module docstring.
+        Non-finite voxel policy; see the module docstring. With ``keep``, a
+        spline resample (``order >= 2``) spreads a NaN along whole lines (the
+        B-spline prefilter is recursive): resample with ``order: 1`` then.
     compressed : bool
         Deflate the ``.npz`` members.
     """
 
     to: Literal["preprocess"] = "preprocess"
-    steps: tuple[Step, ...] = ()
-    labels: Optional[str] = None
-    labels_root: Optional[str] = None
-    labels_required: bool = True
-    layout: Literal["channels_first", "channels_last"] = "channels_first"
-    format: Literal["npz", "npy", "nifti"] = "npz"
-    nan: Literal["zero", "keep", "error"] = "zero"
-    compressed: bool = True
+    steps: tuple[Step, ...] = Field(
+        (), description="ordered steps, each a one-key mapping: reorient, resample, normalize, clip, crop_pad, cast")
+    labels: Optional[str] = Field(
+        None, description="pattern of each image's label map, e.g. '{stem}_seg.nii.gz' ({stem}, {name}, {parent})")
+    labels_root: Optional[Path] = Field(
+        None, description="folder holding the label maps (mirrored like the input tree); default: beside each image")
+    labels_required: bool = Field(True, description="true: a missing label map fails the task; false: converted without")
+    layout: Literal["channels_first", "channels_last"] = Field(
+        "channels_first", description="data as (C, X, Y, Z) or (X, Y, Z, C)")
+    format: Literal["npz", "npy", "nifti"] = Field("npz", description="npz: data, affine, spacing[, label]")
+    nan: Literal["zero", "keep", "error"] = Field("zero", description="NaN/inf voxels: set to 0 first, keep, or fail")
+    compressed: bool = Field(True, description="deflate the .npz members")
+
+    _labels_root = field_validator("labels_root", mode="before")(resolve_path)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -381,8 +392,8 @@ def convert(task, options: Options) -> Conversion:
     InputError
         Unreadable image or label map, label map on another voxel grid, a
         required label map missing, NaN under ``nan: error``, a cast overflow.
-    UnsupportedInput
-        RGB or complex images, more than 4 dimensions.
+    SkippedInput
+        RGB or complex images, more than 4 dimensions, DICOM (logged as ``skipped``).
     OutputError
         The output cannot be written.
     """
@@ -424,7 +435,7 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
     ------
     ConfigError
         If ``steps`` or an option is invalid (every problem listed).
-    InputError, UnsupportedInput, OutputError
+    InputError, SkippedInput, OutputError
         As :func:`convert`.
     """
     out = str(output_path)
@@ -534,7 +545,11 @@ def _apply(name, p, arr, affine, label):
     if name == "resample":
         kwargs = {"spacing": p.spacing} if p.spacing is not None else {"shape": p.shape}
         grid = rs.grid_for_spacing if p.spacing is not None else rs.grid_for_shape
-        new_shape, new_affine, _ = grid(arr.shape[1:], affine, p.spacing if p.spacing is not None else p.shape)
+        new_shape, new_affine, factors = grid(arr.shape[1:], affine,
+                                              p.spacing if p.spacing is not None else p.shape)
+        info = {"shape": list(new_shape), "spacing": list(rs.spacing_of(new_affine))}
+        if tuple(new_shape) == arr.shape[1:] and np.all(factors == 1.0):
+            return arr, new_affine, label, {**info, "unchanged": True}  # already on the grid: no copy
         out = np.empty((arr.shape[0],) + tuple(new_shape), dtype=arr.dtype if p.order == 0 else np.float32)
         for c in range(arr.shape[0]):
             rs.resample(arr[c], affine, order=p.order, antialias=p.antialias, overwrite_input=True,
@@ -544,7 +559,7 @@ def _apply(name, p, arr, affine, label):
             lab = np.empty((1,) + tuple(new_shape), dtype=label.dtype)
             rs.resample(label[0], affine, order=0, output=lab[0], **kwargs)
             label = lab
-        return out, new_affine, label, {"shape": list(new_shape), "spacing": list(rs.spacing_of(new_affine))}
+        return out, new_affine, label, info
 
     if name == "normalize":
         stats = []
@@ -592,13 +607,13 @@ def _reorient4(arr, affine, target):
 
 def _check_image_dtype(path: str, data: np.ndarray) -> None:
     if data.dtype.fields is not None:
-        raise UnsupportedInput(path, f"RGB/structured voxels ({data.dtype}) cannot be preprocessed; "
+        raise SkippedInput(path, f"RGB/structured voxels ({data.dtype}) cannot be preprocessed; "
                                      f"preprocess expects one scalar per voxel")
     if data.dtype.kind == "c":
-        raise UnsupportedInput(path, f"complex voxels ({data.dtype.name}) cannot be preprocessed; "
+        raise SkippedInput(path, f"complex voxels ({data.dtype.name}) cannot be preprocessed; "
                                      f"convert to magnitude or phase first")
     if data.dtype.kind not in "biuf":
-        raise UnsupportedInput(path, f"voxel dtype {data.dtype} is not numeric")
+        raise SkippedInput(path, f"voxel dtype {data.dtype} is not numeric")
 
 
 def _channels_first(path: str, data: np.ndarray) -> np.ndarray:
@@ -610,12 +625,12 @@ def _channels_first(path: str, data: np.ndarray) -> np.ndarray:
         if all(s == 1 for s in extra):
             data = data.reshape(data.shape[:4])
         else:
-            raise UnsupportedInput(path, f"shape {_fmt(data.shape)}: preprocess handles (X, Y, Z) and "
+            raise SkippedInput(path, f"shape {_fmt(data.shape)}: preprocess handles (X, Y, Z) and "
                                          f"(X, Y, Z, T) images, not {data.ndim} dimensions")
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4:
-        raise UnsupportedInput(path, f"shape {_fmt(data.shape)}: expected (X, Y, Z) or (X, Y, Z, T)")
+        raise SkippedInput(path, f"shape {_fmt(data.shape)}: expected (X, Y, Z) or (X, Y, Z, T)")
     return np.moveaxis(data, -1, 0)
 
 
@@ -736,16 +751,17 @@ def _fmt(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-# Peak memory of one task in multiples of the input array's bytes, measured with
-# benchmarks/bench_preprocess.py on an int16 CT resampled to 1 mm and z-scored
-# (input read + float32 working copy + resampled float32 output). Upsampling
-# scales the output term by the voxel-count ratio.
+# Peak memory of one task in multiples of the input's stored bytes, measured with
+# benchmarks/bench_preprocess.py (see benchmarks/README_preprocess.md): the input,
+# its float32 working copy and the float32 output. An int16 CT resampled to 1 mm
+# needs 3-5x, a uint8 volume 8-9x (float32 is 4 of those); upsampling grows the
+# output term by the voxel-count ratio.
 CONVERTER = Converter(
     name="preprocess",
     options=Options,
     output_name=output_name,
     convert=convert,
     pairs=pairs,
-    memory_factor=6.0,
+    memory_factor=9.0,
     inputs="image",
 )

@@ -336,14 +336,14 @@ def cast(x: np.ndarray, dtype) -> np.ndarray:
             return out
         return x.astype(dt)
     if dt.kind == "f":
-        fin = np.finfo(dt)
-        if x.dtype.kind == "f" and np.finfo(x.dtype).max <= fin.max:
+        fmax = float(np.finfo(dt).max)
+        if x.dtype.kind == "f" and float(np.finfo(x.dtype).max) <= fmax:
             return x.astype(dt)
-        if x.dtype.kind in "iu" and np.iinfo(x.dtype).max <= fin.max:
+        if x.dtype.kind in "iub" and (x.dtype.kind == "b" or float(np.iinfo(x.dtype).max) <= fmax):
             return x.astype(dt)
         (lo, hi), count = masked_minmax(x)
-        if count and (lo < -fin.max or hi > fin.max):
+        if count and (lo < -fmax or hi > fmax):
             raise InputError("", f"cannot cast to {dt.name} without overflow: values span [{lo:g}, {hi:g}], "
-                                 f"{dt.name} holds +-{float(fin.max):g}; rescale first or cast to a wider dtype")
+                                 f"{dt.name} holds +-{fmax:g}; rescale first or cast to a wider dtype")
         return x.astype(dt)
     raise ValueError(f"cast: unsupported dtype {dt.name}; expected a float or integer dtype")

@@ -24,9 +24,14 @@ Interpolation is :func:`scipy.ndimage.affine_transform` with a diagonal matrix.
 For spline orders above 1 the B-spline prefilter (:func:`scipy.ndimage.spline_filter`)
 is run here in float32 and in place rather than by scipy in float64, which
 halves peak memory; the boundary mode is ``"mirror"`` for both, so no padded
-copy is made either. Downsampling first smooths each shrunk axis with a
-Gaussian of ``sigma = (f - 1) / 2`` input voxels, the anti-aliasing default of
-:func:`skimage.transform.rescale`.
+copy is made either.
+
+Anti-aliasing: downsampling by ``f > 1`` first smooths that axis with a
+Gaussian of ``sigma = sqrt(f**2 - 1) / (2 * sqrt(2 * ln 2))`` input voxels: the
+full width at half maximum that, added in quadrature to the input voxel's own
+(FWHM of one voxel), gives one output voxel. At ``f = 2`` this keeps 14 % of a
+one-voxel stripe pattern that would otherwise alias to a constant, where
+:func:`skimage.transform.rescale`'s ``(f - 1) / 2`` keeps 57 %.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from ..errors import InputError
 
 # Voxel sizes that agree to this many mm are taken as equal (header float32 rounding).
 _SAME_SIZE_TOL = 1e-5
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
@@ -88,8 +94,9 @@ def grid_for_spacing(shape, affine, spacing) -> tuple[tuple[int, int, int], np.n
     old = np.asarray(spacing_of(affine))
     n = np.asarray(shape[:3], dtype=np.int64)
     factors = np.where(np.abs(target - old) <= _SAME_SIZE_TOL, 1.0, target / old)
-    # the small tolerance keeps exact ratios (4 mm -> 2 mm over 57 steps) from losing a voxel
-    new_shape = tuple(int(math.floor((k - 1) / f + 1e-6)) + 1 for k, f in zip(n, factors))
+    # the tolerance (a thousandth of a voxel) keeps exact ratios from losing the last voxel to
+    # header rounding: 57 steps of 3.99997 mm are 114 steps of 2 mm, not 113
+    new_shape = tuple(int(math.floor((k - 1) / f + 1e-3)) + 1 for k, f in zip(n, factors))
     return new_shape, _scaled_affine(affine, factors), factors
 
 
@@ -203,7 +210,7 @@ def resample(
     lo = hi = None
     if clip and order >= 2:
         lo, hi = _finite_range(data)
-    sigmas = np.where(factors > 1.0 + 1e-6, (factors - 1.0) / 2.0, 0.0) if antialias else np.zeros(3)
+    sigmas = antialias_sigmas(factors) if antialias else np.zeros(3)
     for axis in range(3):
         if sigmas[axis] > 0:
             # 1-D passes in place: scipy filters line by line through a buffer
@@ -224,6 +231,15 @@ def resample(
     if lo is not None:
         np.clip(output, lo, hi, out=output)
     return output, new_affine
+
+
+def antialias_sigmas(factors) -> np.ndarray:
+    """Gaussian sigmas (input voxels) smoothing each axis downsampled by ``factors`` (0: no smoothing).
+
+    ``sigma = sqrt(f**2 - 1) / (2 * sqrt(2 * ln 2))`` for ``f > 1``; see the module docstring.
+    """
+    f = np.asarray(factors, dtype=np.float64)
+    return np.where(f > 1.0 + 1e-6, np.sqrt(np.maximum(f * f - 1.0, 0.0)) / _FWHM_PER_SIGMA, 0.0)
 
 
 def _finite_range(data: np.ndarray) -> tuple[float, float] | tuple[None, None]:
