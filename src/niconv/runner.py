@@ -28,6 +28,7 @@ from .errors import NiconvError, SkippedInput
 from .lock import run_lock
 from .log import CsvLog, TaskResult, fmt_shape, fmt_zooms, latest_by_task, read_rows, write_run_record
 from .manifest import Task, shard as shard_tasks
+from .writers import remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     interrupted = False
     with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
+        remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
         todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
         bar = _progress(len(todo.pending), progress)
         with CsvLog(log_path) as log:
@@ -370,8 +372,10 @@ def versions() -> dict:
 
 def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: int, backend: str, shard) -> dict:
     iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    resolved = config.model_dump(mode="json")
+    resolved.update(log=str(config.log_path), jobs=jobs, backend=backend)  # the defaults this run used
     return {
-        "config": config.model_dump(mode="json"),
+        "config": resolved,
         "versions": versions(),
         "manifest_hash": manifest_hash(tasks),
         "tasks": len(tasks),

@@ -83,6 +83,9 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         identity = {"path": rel, **_identity(src, config.input.identity),
                     "pairs": {role: (_identity(Path(p), config.input.identity) | {"path": str(p)}) if p else None
                               for role, p in pairs}}
+        companions = _companions(src)
+        if companions:  # the voxels of an .hdr live in its .img: a changed .img is a changed input
+            identity["companions"] = {c.name: _identity(c, config.input.identity) for c in companions}
         tasks.append(Task(
             task_id=task_id(identity, conv.name, options.model_dump(mode="json")),
             converter=conv.name,
@@ -139,14 +142,26 @@ def _identity(path: Path, how: str) -> dict:
         return {"size": None, "mtime_ns": None}
     if how == "content" and path.is_file():
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:  # unreadable: its task fails with the reason; the scan goes on
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return {"size": st.st_size, "sha256": h.hexdigest()}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 _COMPANIONS = {".hdr": (".img", ".IMG"), ".par": (".REC", ".rec"), ".head": (".BRIK", ".brik", ".BRIK.gz")}
+
+
+def _companions(path: Path) -> list[Path]:
+    """The companion data file of a header (.img of .hdr, .REC of .PAR, .BRIK of .HEAD), if present."""
+    for entry, companions in _COMPANIONS.items():
+        if path.name.lower().endswith(entry):
+            base = path.name[: -len(entry)]
+            return [c for c in (path.with_name(base + e) for e in companions) if c.is_file()][:1]
+    return []
 
 
 def _bytes(path: Path) -> int:
@@ -155,9 +170,4 @@ def _bytes(path: Path) -> int:
         size = path.stat().st_size if path.is_file() else 0
     except OSError:
         return 0
-    for entry, companions in _COMPANIONS.items():
-        if path.name.lower().endswith(entry):
-            base = path.name[: -len(entry)]
-            size += next((c.stat().st_size for c in (path.with_name(base + e) for e in companions)
-                          if c.is_file()), 0)
-    return size
+    return size + sum(c.stat().st_size for c in _companions(path))

@@ -14,8 +14,12 @@ Dtype policy (the ``scaling`` argument of :func:`read_volume`)
 """
 from __future__ import annotations
 
+import errno
 import gzip
+import math
 import os
+import re
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -104,19 +108,29 @@ def check_input_file(path: str | os.PathLike) -> Path:
     Raises
     ------
     MissingInput
-        If ``path`` does not exist (a dangling or looping symlink counts).
+        If ``path`` does not exist (a dangling symlink counts).
     InputError
-        If it is a folder, empty, or not readable.
+        If it is a folder, a named pipe or device (reading one could block
+        forever), a symlink loop, empty, or not readable.
     """
     p = Path(path)
     try:
         st = p.stat()
     except FileNotFoundError as exc:
+        if p.is_symlink():
+            raise MissingInput(str(p), f"broken symbolic link: its target {os.readlink(p)} does not exist") from exc
         raise MissingInput(str(p), "file not found") from exc
-    except OSError as exc:  # ELOOP: symlink loop
-        raise InputError(str(p), f"cannot open: {exc.strerror}") from exc
-    if p.is_dir():
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(str(p), "symbolic link loop: the link points (through other links) back to "
+                                     "itself, so there is no file to read") from exc
+        raise InputError(str(p), f"cannot open: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(st.st_mode):
         raise InputError(str(p), "is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device")
+        raise InputError(str(p), f"is {kind}, not a regular file; niconv does not read it (it could block forever)")
     if st.st_size == 0:
         raise InputError(str(p), "file is empty (0 bytes)")
     if not os.access(p, os.R_OK):
@@ -126,6 +140,10 @@ def check_input_file(path: str | os.PathLike) -> Path:
 
 def load_image(path: str | os.PathLike):
     """Open an image with nibabel, header only, after checking the file.
+
+    Beyond nibabel's own checks, the header must describe data the file can
+    hold (rejected before any voxel is allocated), a header/data pair must have
+    its data file, and NIfTI scale factors must be finite numbers.
 
     Raises
     ------
@@ -138,21 +156,128 @@ def load_image(path: str | os.PathLike):
             str(p), "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
         )
     try:
-        img = nib.load(str(p))
+        try:
+            img = nib.load(str(p))
+        except FileNotFoundError as exc:
+            if not (exc.filename and Path(exc.filename).name.lower() == p.name.lower()):
+                raise
+            img = _load_as_named(p)
     except FileNotFoundError as exc:  # a missing companion file (.img of .hdr, .REC of .PAR)
-        raise InputError(str(p), f"companion file missing: {exc.filename or exc}") from exc
-    except ImageFileError as exc:
-        raise InputError(str(p), f"not an image nibabel can read ({_first_line(exc)})") from exc
-    except (HeaderDataError, ValueError, KeyError, struct.error) as exc:
-        raise InputError(str(p), f"invalid header: {_first_line(exc)}") from exc
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(str(p), f"file is truncated or not valid gzip ({_first_line(exc)})") from exc
-    except OSError as exc:
-        raise InputError(str(p), f"cannot read: {_first_line(exc)}") from exc
+        raise InputError(str(p), f"companion data file missing: {exc.filename or exc}") from exc
     except Exception as exc:  # nibabel format readers raise many types for corrupt files
-        raise InputError(str(p), f"cannot read image header ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise InputError(str(p), _load_failure(p, exc)) from exc
+    _check_companion(p, img)
     _check_data_size(p, img)
+    _check_scale_factors(p, img)
     return img
+
+
+def _load_as_named(p: Path):
+    """Load a single-file image under its exact name.
+
+    nibabel rebuilds a file name from its extension in lower case unless the
+    extension is all upper case, so ``scan.Nii`` is looked for as ``scan.nii``.
+    """
+    from nibabel.fileholders import FileHolder
+
+    sniff = None
+    for klass in nib.imageclasses.all_image_classes:
+        is_image, sniff = klass.path_maybe_image(str(p), sniff)
+        if is_image and len(klass.files_types) == 1:
+            return klass.from_file_map({klass.files_types[0][0]: FileHolder(filename=str(p))})
+    raise FileNotFoundError(errno.ENOENT, "no such file", str(p))
+
+
+def _load_failure(p: Path, exc: BaseException) -> str:
+    """Plain words for a file nibabel refused: a mislabelled file first, then the header problem."""
+    mismatch = _content_mismatch(p)
+    if mismatch:
+        return mismatch
+    text = _first_line(exc)
+    m = re.search(r"data code (\S+) not (recognized|supported)", text)
+    if m:
+        return f"unsupported data type code {m.group(1)} in the header (not a voxel type niconv can read)"
+    m = re.search(r"invalid intercept (\S+)", text)
+    if m:
+        return (f"the scale factor scl_inter in the header is {m.group(1)}, not a finite number, "
+                "so the voxel values cannot be computed (damaged header)")
+    if isinstance(exc, ImageFileError):
+        return f"not an image nibabel can read ({text})"
+    if isinstance(exc, (HeaderDataError, ValueError, KeyError, struct.error)):
+        return f"invalid header: {text}"
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return f"file is truncated or not valid gzip ({text})"
+    if isinstance(exc, OSError):
+        return f"cannot read: {text}"
+    return f"cannot read image header ({type(exc).__name__}: {text})"
+
+
+# magic bytes of formats a cohort folder may hold by mistake, for messages only
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"II*\x00", "a TIFF image"),
+          (b"MM\x00*", "a TIFF image"), (b"PK\x03\x04", "a ZIP archive (a NumPy .npz?)"),
+          (b"\x93NUMPY", "a NumPy .npy array"), (b"\x89HDF", "an HDF5 file"), (b"CDF\x01", "a NetCDF file"),
+          (b"%PDF", "a PDF document"), (b"BZh", "bzip2-compressed data"), (b"\xfd7zXZ", "xz-compressed data"))
+
+
+def _content_mismatch(p: Path) -> str | None:
+    """A message if the file's bytes are plainly not what its name says, else None."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(544)
+    except OSError:
+        return None
+    low = p.name.lower()
+    gz = head[:2] == b"\x1f\x8b"
+    kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    if kind is None and (head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00")):
+        kind = "an uncompressed NIfTI image"
+    if low.endswith((".gz", ".mgz")):
+        if gz:
+            return None
+        suffix = ".mgz" if low.endswith(".mgz") else ".gz"
+        hint = f"; rename it to {p.name[:-3]}" if kind == "an uncompressed NIfTI image" and suffix == ".gz" else ""
+        return f"the name ends in {suffix} but the file is not gzip-compressed (it is {kind or 'something else'}){hint}"
+    if gz:
+        return f"the file is gzip-compressed but its name does not end in .gz; rename it to {p.name}.gz"
+    if kind and kind != "an uncompressed NIfTI image":
+        return f"not a medical image: the file is {kind}"
+    return None
+
+
+def _check_companion(p: Path, img) -> None:
+    """A header/data pair (.hdr/.img) needs its data file; nibabel only notices when reading voxels."""
+    holder = img.file_map.get("image")
+    data_file = getattr(holder, "filename", None)
+    if data_file and os.path.abspath(data_file) != os.path.abspath(p) and not os.path.exists(data_file):
+        raise InputError(str(p), f"the data file {Path(data_file).name} that belongs to this header is missing "
+                                 "(a header/data pair needs both files side by side)")
+
+
+def _check_scale_factors(p: Path, img) -> None:
+    """Refuse non-finite NIfTI scale factors, which nibabel silently reads as 'no scaling'.
+
+    A NaN or infinite ``scl_slope`` means the header is damaged: the intended
+    scaling is unknown, so converting the stored integers would give wrong
+    values without a word. ``scl_slope == 0`` is the standard's "no scaling",
+    and both factors NaN is how nibabel marks an unscaled header, so both pass.
+    """
+    if not isinstance(img.header, nib.Nifti1Header):
+        return
+    holder = img.file_map.get("header") or img.file_map.get("image")
+    try:
+        with holder.get_prepare_fileobj("rb") as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+    except Exception:  # the header was read once already; a second failure is not this check's business
+        return
+    if np.isnan(slope) and np.isnan(inter):
+        return
+    if not np.isfinite(slope):
+        raise InputError(str(p), f"the scale factor scl_slope in the header is {slope}, not a finite number, "
+                                 "so the voxel values cannot be computed (damaged header)")
+    if slope != 0 and not np.isfinite(inter):
+        raise InputError(str(p), f"the scale factor scl_inter in the header is {inter}, not a finite number, "
+                                 "so the voxel values cannot be computed (damaged header)")
 
 
 def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
@@ -192,7 +317,18 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
         raise InputError(p, f"cannot read voxel data ({type(exc).__name__}: {_first_line(exc)})") from exc
     if data.dtype.byteorder not in ("=", "|") and data.dtype.fields is None:
         data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype.kind in "fc" and data.size and not _any_finite(data):
+        raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
     return Volume(path=p, image=img, data=data, scaling=linear)
+
+
+def _any_finite(data: np.ndarray, block: int = 1 << 20) -> bool:
+    """True if any value is finite; stops at the first block that has one (usually the first)."""
+    flat = data.ravel(order="K")  # a view for the contiguous arrays nibabel returns
+    for start in range(0, flat.size, block):
+        if np.isfinite(flat[start:start + block]).any():
+            return True
+    return False
 
 
 def _read_data(img, scaling: str) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -223,23 +359,26 @@ def _read_data(img, scaling: str) -> tuple[np.ndarray, tuple[float, float] | Non
 
 
 def _check_data_size(p: Path, img) -> None:
-    """Reject headers that claim more voxel data than the file can hold."""
-    header = img.header
+    """Reject headers that claim more voxel data than the file can hold, before allocating it."""
     try:
-        nbytes = int(np.prod(img.shape, dtype=np.int64)) * np.dtype(img.get_data_dtype()).itemsize
+        # Python integers: a corrupt header's dimensions must not overflow int64 into a small number
+        nbytes = math.prod(int(s) for s in img.shape) * np.dtype(img.get_data_dtype()).itemsize
     except (TypeError, ValueError):
         return
-    offset = int(header.get("vox_offset", 0)) if hasattr(header, "get") and "vox_offset" in header else 0
+    proxy = getattr(img, "dataobj", None)
+    # the proxy's offset is where nibabel will read; the header's vox_offset is reset on load
+    offset = int(getattr(proxy, "offset", 0) or 0) if isinstance(proxy, ArrayProxy) else 0
     files = img.file_map
     image_file = files["image"].filename if "image" in files else str(p)
     if image_file is None:
         return
     size = os.path.getsize(image_file) if os.path.exists(image_file) else 0
     low = str(image_file).lower()
+    claim = f"{_fmt_shape(img.shape)} voxels of {np.dtype(img.get_data_dtype()).name} ({_fmt_bytes(nbytes)})"
     if low.endswith(".gz") or low.endswith(".mgz"):
         if nbytes > size * _MAX_DEFLATE_RATIO:
-            raise InputError(str(p), f"header claims {_fmt_shape(img.shape)} voxels ({nbytes} bytes) "
-                                     f"but the compressed file has only {size} bytes")
+            raise InputError(str(p), f"the header claims {claim} but the compressed file has only "
+                                     f"{_fmt_bytes(size)}, more than compression can explain: the header is corrupt")
         isize = _gzip_isize(image_file)
         expected = (offset + nbytes) % 2**32
         if isize is not None and low.endswith(".nii.gz") and isize < expected:
@@ -247,11 +386,21 @@ def _check_data_size(p: Path, img) -> None:
                                      f"uncompressed, the gzip stream holds {isize}")
     elif low.endswith((".nii", ".img")):
         if offset > size:
-            raise InputError(str(p), f"vox_offset {offset} points past the end of the file ({size} bytes)")
+            raise InputError(str(p), f"vox_offset {offset} points past the end of the file ({size} bytes): "
+                                     "the header is corrupt")
+        if nbytes > 1000 * max(size, 1):
+            raise InputError(str(p), f"the header claims {claim} but the file has only {_fmt_bytes(size)}: "
+                                     "the header is corrupt")
         if offset + nbytes > size:
-            raise InputError(str(p), f"file is truncated: header says {_fmt_shape(img.shape)} voxels of "
-                                     f"{img.get_data_dtype()} ({nbytes} bytes from offset {offset}), "
-                                     f"the file has only {size - offset} bytes of data")
+            raise InputError(str(p), f"file is truncated: the header says {claim} from byte {offset}, "
+                                     f"the file holds only {size - offset} bytes of voxel data")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _gzip_isize(path: str) -> int | None:
