@@ -31,6 +31,10 @@ from .manifest import Task, shard as shard_tasks
 from .writers import remove_stale_temps
 
 
+# How often the parent flushes finished outputs to disk (seconds).
+SYNC_SECONDS = 5.0
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run will do: ``pending`` tasks to convert, and what it leaves alone."""
@@ -312,8 +316,12 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         with CsvLog(log_path) as log:
             try:
                 with _backend(config, backend, scheduler):
+                    synced = time.monotonic()
                     for width, group in concurrency_groups(todo.pending, jobs, memory_budget(config)):
                         for result in _dispatch(group, width):
+                            if time.monotonic() - synced > SYNC_SECONDS:
+                                os.sync()  # outputs to disk in batches, not one fsync per file
+                                synced = time.monotonic()
                             log.append(result)
                             counts[result.status] += 1
                             bar.update(1)
@@ -323,6 +331,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                 interrupted = True
             finally:
                 bar.close()
+                os.sync()
         summary = RunSummary(
             total=len(todo.pending) + len(todo.done) + len(todo.failed_before),
             converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],

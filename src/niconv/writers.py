@@ -43,10 +43,11 @@ def _host_tag() -> str:
 def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``final_path``; rename it into place on success.
 
-    The parent folder is created. The data are flushed to disk before the
-    rename, so after a power cut the final name holds either the old file or
-    the complete new one. On any exception the temporary file is removed and
-    nothing under the final name changes.
+    The parent folder is created. On any exception the temporary file is
+    removed and nothing under the final name changes. There is no fsync per
+    file (hundreds of slices per volume would wait on the disk for each): the
+    runner flushes outputs to disk in batches (:func:`niconv.runner.run`), and
+    resume re-checks each recorded output's size.
 
     Raises
     ------
@@ -65,7 +66,6 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)
-        _fsync(tmp)
         os.replace(tmp, final)
     except OutputError as exc:
         _remove(tmp)
@@ -138,18 +138,6 @@ def _alive(pid: int) -> bool:
     except OSError:  # EPERM: it exists, owned by someone else
         return True
     return True
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # some file systems (and /dev/null-like targets) cannot sync; only a full disk matters here
-        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _remove(path: str) -> None:

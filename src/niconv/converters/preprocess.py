@@ -49,6 +49,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from ..codec import write_npz
+from ..log import fmt_shape
 from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedInput
 from ..ops import crop as crop_ops
 from ..ops import intensity as iops
@@ -625,12 +626,12 @@ def _channels_first(path: str, data: np.ndarray) -> np.ndarray:
         if all(s == 1 for s in extra):
             data = data.reshape(data.shape[:4])
         else:
-            raise SkippedInput(path, f"shape {_fmt(data.shape)}: preprocess handles (X, Y, Z) and "
+            raise SkippedInput(path, f"shape {fmt_shape(data.shape)}: preprocess handles (X, Y, Z) and "
                                          f"(X, Y, Z, T) images, not {data.ndim} dimensions")
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4:
-        raise SkippedInput(path, f"shape {_fmt(data.shape)}: expected (X, Y, Z) or (X, Y, Z, T)")
+        raise SkippedInput(path, f"shape {fmt_shape(data.shape)}: expected (X, Y, Z) or (X, Y, Z, T)")
     return np.moveaxis(data, -1, 0)
 
 
@@ -651,7 +652,7 @@ def _read_label(path: str, shape, affine) -> np.ndarray:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(path, f"label map shape {_fmt(data.shape)}: expected (X, Y, Z)")
+        raise InputError(path, f"label map shape {fmt_shape(data.shape)}: expected (X, Y, Z)")
     rs.check_same_grid(shape, affine, data.shape, lab.affine, path)
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
@@ -745,10 +746,6 @@ def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent
             finally:
                 if compress:
                     fobj.close()
-
-
-def _fmt(shape) -> str:
-    return "x".join(str(int(s)) for s in shape)
 
 
 # Peak memory of one task in multiples of the input's stored bytes, measured with

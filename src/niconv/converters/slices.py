@@ -18,8 +18,8 @@ What the images show (see :mod:`niconv.ops.planes` and :mod:`niconv.ops.window`)
   axis is stretched to the finer spacing; ``aspect: raw`` keeps one pixel per voxel.
 - One intensity window per volume (never per slice), from finite values only.
 - Label maps (``label: true``, or auto-detected: NIfTI intent
-  ``NIFTI_INTENT_LABEL``/``NIFTI_INTENT_NEURONAME``, or an integer image with
-  at most two distinct values) are resampled with nearest neighbour and
+  ``NIFTI_INTENT_LABEL``/``NIFTI_INTENT_NEURONAME``, or an integer image
+  holding only 0 and 1) are resampled with nearest neighbour and
   written losslessly: pixel value = label value when every label fits the bit
   depth, else the rank of the label in the sorted label values (the table is
   in the log). ``label_colors: true`` writes them as RGB through a fixed colour table.
@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from ..errors import ConfigError, InputError, OutputError, UnsupportedInput
 from ..manifest import Task
 from ..ops import planes as P
-from ..ops.window import CT_PRESETS, DEFAULT_PERCENTILES, Window, apply_window, compute_window, \
+from ..ops.window import DEFAULT_PERCENTILES, Window, apply_window, compute_window, \
     label_colors, label_to_uint, parse_window_spec
 from ..volume import Volume, image_stem, read_volume
 from ..writers import atomic_output
@@ -61,7 +61,6 @@ SHEET_TILE = 160
 SHEET_GAP = 4
 
 _LABEL_INTENTS = ("label", "neuroname")
-
 
 class LevelWidth(BaseModel):
     """A fixed window: ``level`` (centre) and ``width``, in the image's units (HU for CT)."""
@@ -180,6 +179,9 @@ class Options(BaseModel):
         if self.format == "jpg" and self.bit_depth == 16:
             raise ValueError("format jpg stores 8 bits per pixel only; found bit_depth 16 "
                              "(use format png or tiff for 16-bit images)")
+        if self.format == "jpg" and self.label and not self.label_colors:
+            raise ValueError("format jpg is lossy and would create new label values; found label: true "
+                             "(use format png or tiff, or label_colors: true)")
         if self.slice_range is not None and self.slice_range[0] >= self.slice_range[1]:
             raise ValueError(f"slice_range must be [start, stop) with start < stop; found {list(self.slice_range)}")
         return self
@@ -290,7 +292,8 @@ def convert(task: Task, options: Options) -> Conversion:
         Unreadable image, a volume index out of range, a label map that does
         not fit the bit depth.
     UnsupportedInput
-        Complex data without ``complex``, or more than 4 dimensions.
+        Complex data without ``complex``, more than 4 dimensions, or a label
+        map to be written as (lossy) JPEG.
     OutputError
         The output folder cannot be written.
     """
@@ -313,6 +316,9 @@ def convert(task: Task, options: Options) -> Conversion:
     ras, _, spacing = P.to_ras(data, vol.affine)
     rgb = rgb_fields is not None
     label = False if rgb else (opts.label if opts.label is not None else _is_label_map(vol, data))
+    if label and opts.format == "jpg" and not opts.label_colors:
+        raise UnsupportedInput(src, "a label map cannot be written as jpg: lossy compression creates new label "
+                                    "values; use format png or tiff, label_colors: true, or label: false")
     bit_depth = 8 if rgb or (label and opts.label_colors) else opts.bit_depth
 
     out_dir = Path(task.output_path)
@@ -423,7 +429,7 @@ def _as_xyzt(vol: Volume) -> tuple[np.ndarray, tuple[str, ...] | None]:
 
 
 def _is_label_map(vol: Volume, data: np.ndarray) -> bool:
-    """NIfTI label intent, or an integer image with at most two distinct values (a mask)."""
+    """NIfTI label intent, or an integer image whose values are all 0 or 1 (a binary mask)."""
     header = vol.image.header
     if hasattr(header, "get_intent"):
         try:
@@ -434,7 +440,7 @@ def _is_label_map(vol: Volume, data: np.ndarray) -> bool:
     if data.dtype.kind in "b":
         return True
     if data.dtype.kind in "iu" and data.size:
-        return int(data.max()) - int(data.min()) <= 1
+        return int(data.min()) >= 0 and int(data.max()) <= 1
     return False
 
 

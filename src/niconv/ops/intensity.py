@@ -24,24 +24,12 @@ import math
 import numpy as np
 
 from ..errors import InputError
+from .window import CT_PRESETS
 
 MASKS = ("none", "nonzero")
 
-# CT display windows as (level, width) in Hounsfield units. Source: Radiopaedia,
-# "Windowing (CT)" (typical values; sites vary). Keys are the preset names a config uses.
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "subdural": (75.0, 215.0),
-    "stroke": (40.0, 40.0),
-    "temporal_bone": (600.0, 2800.0),
-    "head_soft_tissue": (40.0, 380.0),
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "abdomen": (50.0, 400.0),
-    "liver": (30.0, 150.0),
-    "bone": (400.0, 1800.0),
-    "spine_soft_tissue": (40.0, 250.0),
-}
+# CT display windows (level, width) in HU: one table for the whole package
+CT_WINDOWS = CT_PRESETS
 
 # voxels per slab when accumulating statistics (~16 MB of float32)
 _SLAB_VOXELS = 4_000_000

@@ -48,6 +48,10 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
     "soft_tissue": (50.0, 400.0),
     "liver": (30.0, 150.0),
     "mediastinum": (50.0, 350.0),
+    "abdomen": (50.0, 400.0),
+    "temporal_bone": (600.0, 2800.0),
+    "head_soft_tissue": (40.0, 380.0),
+    "spine_soft_tissue": (40.0, 250.0),
 }
 
 DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
@@ -280,17 +284,19 @@ def apply_window(data: np.ndarray, window: Window, bit_depth: int = 8) -> np.nda
     low, high = float(window.low), float(window.high)
     scale = maxval / (high - low) if high > low else None
     check_nan = data.dtype.kind in "fc"
+    # float32 keeps 8-bit output exact to well below one grey level; 16-bit output uses float64
+    work = np.dtype(np.float32 if bit_depth == 8 else np.float64)
     for sl in _chunks(data.shape):
-        x = data[sl].astype(np.float32)  # always a copy: ``data`` is never modified
+        x = data[sl].astype(work)  # always a copy: ``data`` is never modified
         if scale is None:
             out[sl] = np.where(x > low, maxval, 0)
             continue
-        x -= np.float32(low)
-        x *= np.float32(scale)
+        x -= work.type(low)
+        x *= work.type(scale)
         if check_nan:
             np.nan_to_num(x, copy=False, nan=0.0, posinf=float(maxval), neginf=0.0)
         np.clip(x, 0.0, float(maxval), out=x)
-        x += np.float32(0.5)  # round half up; values are >= 0 so truncation is floor
+        x += work.type(0.5)  # round half up; values are >= 0 so truncation is floor
         out[sl] = x
     return out
 
