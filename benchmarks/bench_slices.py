@@ -13,13 +13,8 @@ Usage::
 
 By default the process is pinned to one CPU (``os.sched_setaffinity``, where
 available) and numeric libraries are limited to one thread. Wall time includes
-flushing the files to disk; CPU time (``time.process_time``) does not.
-
-``--defer-fsync`` measures what the converter costs when its images are flushed
-to disk once per volume instead of once per file: it turns off the per-file
-fsync of ``niconv.writers.atomic_output`` for the benchmark process and calls
-``os.sync()`` once per conversion (included in the time). The converter does
-this by itself when ``atomic_output`` accepts ``fsync=False``.
+one ``os.sync()`` per conversion, as the runner flushes outputs to disk in
+batches; CPU time (``time.process_time``) does not.
 """
 from __future__ import annotations
 
@@ -37,8 +32,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from niconv import writers  # noqa: E402
-from niconv.converters import slices as slices_module  # noqa: E402
 from niconv.converters.slices import nifti_to_slices  # noqa: E402
 
 SHAPE = (256, 256, 130)
@@ -59,7 +52,7 @@ def phantom(shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> np.ndarray:
     return np.asfortranarray(np.clip(vol, 0, 3000).astype(np.int16))
 
 
-def run(path: Path, out: Path, repeat: int, fmt: str, sync_once: bool = False) -> tuple[float, float, float, int]:
+def run(path: Path, out: Path, repeat: int, fmt: str) -> tuple[float, float, float, int]:
     """Median wall time, best wall time, median process CPU time (s), images written."""
     times, cpu = [], []
     n = 0
@@ -67,8 +60,7 @@ def run(path: Path, out: Path, repeat: int, fmt: str, sync_once: bool = False) -
         target = out / f"run{k}"
         t0, c0 = time.perf_counter(), time.process_time()
         files = nifti_to_slices(path, target, format=fmt)
-        if sync_once:
-            os.sync()
+        os.sync()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         n = len(files)
@@ -80,29 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--format", default="png", choices=["png", "jpg", "tiff"])
     parser.add_argument("--cores", default="1", help="'1' pins to one CPU (default); 'all' does not pin")
-    parser.add_argument("--defer-fsync", action="store_true",
-                        help="flush once per volume instead of once per file (see the module docstring)")
     args = parser.parse_args(argv)
-    sync_once = False
-    if args.defer_fsync and not slices_module._DEFERRED_SYNC:
-        writers._fsync = lambda path: None
-        sync_once = True
     if args.cores == "1" and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     data = phantom()
     print(f"volume {'x'.join(map(str, SHAPE))} int16, format {args.format}, repeat {args.repeat}, "
-          f"cores {args.cores}, flush {'once per volume' if args.defer_fsync or slices_module._DEFERRED_SYNC else 'per file'}, "
+          f"cores {args.cores}, "
           f"numpy {np.__version__}, python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as tmp:
         for zooms in [(1.0, 1.0, 1.0), (0.9375, 0.9375, 1.2)]:
             path = Path(tmp) / f"bench_{zooms[2]}.nii.gz"
             nib.save(nib.Nifti1Image(data, np.diag([*zooms, 1.0])), path)
-            median, best, cpu, n = run(path, Path(tmp) / "out", args.repeat, args.format, sync_once)
+            median, best, cpu, n = run(path, Path(tmp) / "out", args.repeat, args.format)
             print(f"spacing {zooms[0]}x{zooms[1]}x{zooms[2]} mm: {n} images, wall median {median:.2f} s, "
                   f"best {best:.2f} s, CPU median {cpu:.2f} s, {1000 * median / n:.2f} ms/image")
         real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cohort" / "fs_brainmask.mgz"
         if real.exists():
-            median, best, cpu, n = run(real, Path(tmp) / "out_real", args.repeat, args.format, sync_once)
+            median, best, cpu, n = run(real, Path(tmp) / "out_real", args.repeat, args.format)
             print(f"real scan {real.name} (256x256x256 uint8, 1 mm): {n} images, wall median {median:.2f} s, "
                   f"best {best:.2f} s, CPU median {cpu:.2f} s, {1000 * median / n:.2f} ms/image")
     return 0
