@@ -1,6 +1,8 @@
 """Shared fixtures: the real test images in ../shared/data, read in place."""
 from __future__ import annotations
 
+import csv
+import hashlib
 import os
 import subprocess
 import sys
@@ -42,3 +44,31 @@ def niconv(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproc
     """Run the real ``niconv`` command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "niconv", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def real_image(name: str) -> Path:
+    """A cohort image by file name; skips the test when the shared data is absent."""
+    path = COHORT / name
+    if not path.exists():
+        pytest.skip(f"test image {path} is absent (the shared test data folder is not beside the repository)")
+    return path
+
+
+def rows_of(log: Path) -> list[dict]:
+    """The rows of a CSV log, as dicts."""
+    with open(log, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+RUN_FILES = {"niconv_log.csv", "niconv_log.run.json", ".niconv.lock"}
+
+
+def outputs(root: Path) -> dict[str, str]:
+    """sha256 of every converted file under ``root``, by relative path (log, record and lock left out)."""
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.name not in RUN_FILES}

@@ -1,7 +1,6 @@
 """Tests of the pure array operations: resampling, intensity, crop/pad."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -9,20 +8,15 @@ import pytest
 from nibabel.processing import resample_from_to
 from scipy import ndimage as ndi
 
+from conftest import real_image
 from niconv.errors import InputError
 from niconv.ops import crop as crop_ops
 from niconv.ops import intensity as iops
 from niconv.ops import resample as rs
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-COHORT = DATA / "cohort"
 
 
-def _real(name: str) -> Path:
-    path = COHORT / name
-    if not path.exists():
-        pytest.skip(f"test image {path} is absent (the shared test data folder is not beside the repository)")
-    return path
+_real = real_image
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,15 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from conftest import REPO, real_image
 from niconv.converters import get
 from niconv.converters.preprocess import CONVERTER, Options, convert, output_name, pairs, preprocess_volume
 from niconv.errors import ConfigError, InputError, SkippedInput
 from niconv.manifest import Task
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-COHORT = DATA / "cohort"
 
 
-def _real(name: str) -> Path:
-    path = COHORT / name
-    if not path.exists():
-        pytest.skip(f"test image {path} is absent (the shared test data folder is not beside the repository)")
-    return path
+_real = real_image
 
 
 def _task(image, output, options, label=None) -> Task:

@@ -7,7 +7,6 @@ rerun, and compare every output's sha256 with an uninterrupted run.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -23,26 +22,10 @@ import numpy as np
 import pytest
 
 from niconv.log import COLUMNS, STATUSES
-from conftest import niconv, write_config
+from conftest import niconv, outputs, rows_of, sha256, write_config
 
 BIG = ("nilearn_mni152_t1_2009a.nii.gz", "fs_brainmask.mgz", "bigbrain_labels.nii.gz", "nib_example4d.nii.gz")
 COPIES = 6
-RUN_FILES = {"niconv_log.csv", "niconv_log.run.json", ".niconv.lock"}
-
-
-def rows_of(log: Path) -> list[dict]:
-    with open(log, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def outputs(root: Path) -> dict[str, str]:
-    """sha256 of every converted file under ``root``, by relative path (log, record and lock left out)."""
-    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in RUN_FILES}
 
 
 def temp_files(root: Path) -> list[Path]:

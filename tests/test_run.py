@@ -1,7 +1,6 @@
 """`niconv run` end to end on the real cohort: outputs, CSV log, exit codes."""
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import shutil
@@ -11,16 +10,11 @@ import numpy as np
 import pytest
 
 from niconv.log import COLUMNS
-from conftest import niconv, write_config
+from conftest import niconv, rows_of, write_config
 
 DESIGN_COLUMNS = ["task_id", "status", "converter", "input_path", "output_path", "input_shape", "input_dtype",
                   "output_shape", "output_dtype", "zooms", "axcodes", "bytes_in", "bytes_out", "sha256", "seconds",
                   "error_type", "error_message"]
-
-
-def rows_of(log):
-    with open(log, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_log_columns_follow_the_contract():

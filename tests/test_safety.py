@@ -1,9 +1,7 @@
 """Overnight safety: one run per output tree, byte-identical reruns, run record, verify, write errors, paths."""
 from __future__ import annotations
 
-import csv
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -21,24 +19,8 @@ from niconv.errors import LockError, OutputError
 from niconv.lock import run_lock
 from niconv.paths import inside
 from niconv.writers import TEMP_PREFIX, atomic_output, remove_stale_temps
-from conftest import niconv, write_config
+from conftest import niconv, outputs, rows_of, sha256, write_config
 
-RUN_FILES = {"niconv_log.csv", "niconv_log.run.json", ".niconv.lock"}
-
-
-def rows_of(log: Path) -> list[dict]:
-    with open(log, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def outputs(root: Path) -> dict[str, str]:
-    """sha256 of every converted file under ``root``, by relative path (log, record and lock left out)."""
-    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in RUN_FILES}
 
 
 def tree(root: Path) -> dict[str, str]:

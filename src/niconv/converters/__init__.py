@@ -8,7 +8,9 @@ its module, add one line here.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 # name -> module path; modules are imported lazily so a converter's heavy
@@ -103,3 +105,16 @@ def get(name: str) -> Converter:
         If no converter has that name.
     """
     return importlib.import_module(_MODULES[name]).CONVERTER
+
+
+def seed_output(output_folder, name: str, write: Callable[[str], Any], debug: bool = False) -> str:
+    """Write one file ``name`` into ``output_folder`` with ``write(path)``: the seed functions' shared tail.
+
+    With ``debug``, the path is logged at INFO through the ``niconv`` logger;
+    global logging configuration is never touched.
+    """
+    out = str(Path(output_folder) / name)
+    write(out)
+    if debug:
+        logging.getLogger("niconv").info("niconv: wrote %s", out)
+    return out

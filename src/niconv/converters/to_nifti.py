@@ -8,7 +8,6 @@ prediction saved against an int16 reference is not re-quantized.
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Literal, Optional
@@ -23,10 +22,7 @@ from ..errors import InputError
 from ..log import fmt_dtype
 from ..volume import image_stem, load_image, read_array
 from ..writers import atomic_output
-from . import Conversion, Converter
-
-log = logging.getLogger("niconv")
-
+from . import Conversion, Converter, seed_output
 
 class Options(BaseModel):
     """Options of ``to: nifti``."""
@@ -196,12 +192,9 @@ def numpy_to_nifti(npy_path, output_path, affine=None, reference_nifti=None, deb
     """
     options = Options(affine=None if affine is None or reference_nifti is not None
                       else tuple(tuple(float(x) for x in row) for row in np.asarray(affine)))
-    out = Path(output_path) / output_name(image_stem(npy_path), options)
-    write_nifti(os.fspath(npy_path), str(out), options,
-                reference=None if reference_nifti is None else os.fspath(reference_nifti))
-    if debug:
-        log.info("niconv: wrote %s", out)
-    return str(out)
+    reference = None if reference_nifti is None else os.fspath(reference_nifti)
+    return seed_output(output_path, output_name(image_stem(npy_path), options),
+                       lambda out: write_nifti(os.fspath(npy_path), out, options, reference), debug)
 
 
 CONVERTER = Converter(

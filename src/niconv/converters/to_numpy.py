@@ -9,9 +9,7 @@ NIfTI-1 standard's rule).
 """
 from __future__ import annotations
 
-import logging
 import os
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -21,10 +19,7 @@ from .. import codec
 from ..log import fmt_dtype
 from ..volume import image_stem, read_volume
 from ..writers import atomic_output
-from . import Conversion, Converter
-
-log = logging.getLogger("niconv")
-
+from . import Conversion, Converter, seed_output
 
 class Options(BaseModel):
     """Options of ``to: numpy``."""
@@ -125,11 +120,8 @@ def nifti_to_numpy(nii_path, output_path, compressed=True, debug=False) -> str:
     nibabel's ``np.asanyarray(img.dataobj)`` rounded to float32.
     """
     options = Options(compressed=bool(compressed))
-    out = Path(output_path) / output_name(image_stem(nii_path), options)
-    write_numpy(os.fspath(nii_path), str(out), options)
-    if debug:
-        log.info("niconv: wrote %s", out)
-    return str(out)
+    return seed_output(output_path, output_name(image_stem(nii_path), options),
+                       lambda out: write_numpy(os.fspath(nii_path), out, options), debug)
 
 
 CONVERTER = Converter(
