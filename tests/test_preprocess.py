@@ -294,7 +294,7 @@ def test_nifti_and_npy_outputs_match_the_npz(tmp_path, bigbrain_crop):
 
 def test_example_config_runs_on_the_cohort(tmp_path):
     from niconv.config import load_config
-    from niconv.runner import convert_one
+    from niconv.worker import convert_one
     from niconv.scan import build_manifest
 
     config_path = REPO / "configs" / "preprocess.yaml"
@@ -323,7 +323,7 @@ def test_example_config_runs_on_the_cohort(tmp_path):
 
 def test_labels_are_paired_by_the_scanner_from_labels_root(tmp_path, bigbrain_crop):
     from niconv.config import load_config
-    from niconv.runner import convert_one
+    from niconv.worker import convert_one
     from niconv.scan import build_manifest
 
     image_path, label_path, labels, _ = bigbrain_crop

@@ -166,7 +166,7 @@ def cmd_info(args) -> int:
 
 def cmd_verify(args) -> int:
     from .log import latest_by_task, read_rows
-    from .runner import digest_outputs
+    from .worker import digest_outputs
 
     path = Path(args.log)
     if not path.exists():

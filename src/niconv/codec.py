@@ -13,9 +13,11 @@ outputs standard:
 Outputs depend only on the data and the level: zip entries carry a fixed
 timestamp, the gzip header has mtime 0 and no file name.
 
-Compression levels use zlib's scale, 0 (fastest) to 9 (smallest). ISA-L has
-four levels (0-3), so zlib levels 3-9 all use ISA-L's level 3. Without
-:mod:`isal` (or :mod:`deflate`) the standard library is used instead, with one
+Compression levels run from 0 (fastest) to 9 (smallest), as in zlib. Levels
+0-3 are ISA-L's own four levels (fast); 4-9 use the standard library's zlib
+at that level (several times slower, for the smallest files: ISA-L's best
+level is not always smaller than its level 2). Without :mod:`isal` (or
+:mod:`deflate`) the standard library is used instead, with one
 ``RuntimeWarning``.
 """
 from __future__ import annotations
@@ -53,10 +55,12 @@ __all__ = [
     "read_nifti",
 ]
 
-#: Default deflate level (zlib scale). With ISA-L this is its level 2: measured
-#: on real MRI volumes (uint8 and int16) at 1.5-3.6% above ``np.savez_compressed``
-#: and about 10-30x faster; see ``benchmarks/README.md``.
+#: Default deflate level: ISA-L's level 2. On real MRI volumes (uint8 and int16)
+#: its files are 0.98-1.035x the size of ``np.savez_compressed``'s (zlib level 6)
+#: at 16-24x the speed; level 3 is slower and not reliably smaller. See
+#: ``benchmarks/README.md``.
 DEFAULT_LEVEL = 2
+_ISAL_MAX_LEVEL = 3  # ISA-L has levels 0-3; above, the caller asked for size over speed
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 _UNIX = 3  # ZipInfo.create_system; the default depends on the OS writing the file
@@ -64,6 +68,9 @@ _UNIX = 3  # ZipInfo.create_system; the default depends on the OS writing the fi
 # treats sizes as signed); members that may exceed it must be opened with force_zip64.
 _ZIP64_THRESHOLD = (1 << 31) - 1
 _CHUNK = 4 << 20  # bytes handed to the compressor per call: bounds the temporary output
+# deflate cannot compress better than about 1032:1: a header claiming more is corrupt,
+# and must not make us allocate its claim
+_MAX_DEFLATE_RATIO = 1100
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no flags, mtime 0, OS unknown
 
 # Set to False to force the public zipfile API (the fallback path) for .npz members.
@@ -83,10 +90,6 @@ def _resolve_level(level: int | None, where: str) -> int:
     return int(level)
 
 
-def _isal_level(level: int) -> int:
-    return min(level, 3)
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -95,8 +98,10 @@ def _warn_once(key: str, message: str) -> None:
 
 def _compressobj(level: int):
     """A raw-deflate compressor (no zlib/gzip container)."""
+    if level > _ISAL_MAX_LEVEL:
+        return zlib.compressobj(level, zlib.DEFLATED, -15)
     if _isal is not None:
-        return _isal.compressobj(_isal_level(level), _isal.DEFLATED, -15)
+        return _isal.compressobj(level, _isal.DEFLATED, -15)
     _warn_once("isal", "niconv: the 'isal' package is missing; deflating with the standard library's zlib (slower)")
     return zlib.compressobj(level, zlib.DEFLATED, -15)
 
@@ -135,8 +140,8 @@ def write_npz(path, arrays: Mapping[str, np.ndarray], compressed: bool = True, l
     compressed : bool
         True: deflated members; False: stored (uncompressed) members.
     level : int or None
-        Deflate level, 0 (fastest) to 9 (smallest), zlib's scale; None uses
-        :data:`DEFAULT_LEVEL`. ISA-L levels are 0-3, so 3-9 mean its level 3.
+        Deflate level, 0 (fastest) to 9 (smallest); None uses
+        :data:`DEFAULT_LEVEL`. 0-3: ISA-L; 4-9: the standard library's zlib.
 
     Raises
     ------
@@ -188,7 +193,7 @@ def _write_member(zf: zipfile.ZipFile, key: str, arr: np.ndarray, method: int, l
     # zipfile's own rule (size * 1.05 > limit) leaves room for incompressible data
     zip64 = (len(header) + arr.nbytes) * 1.05 > _ZIP64_THRESHOLD
     with zf.open(info, "w", force_zip64=zip64) as out:
-        if method == zipfile.ZIP_DEFLATED:
+        if method == zipfile.ZIP_DEFLATED and level <= _ISAL_MAX_LEVEL:
             _use_fast_deflate(out, level)
         out.write(header)
         for piece in _array_pieces(arr, fortran):
@@ -224,7 +229,7 @@ def _use_fast_deflate(stream, level: int) -> bool:
         _warn_once("zipfile", "niconv: this Python's zipfile has no known compressor hook; .npz members are "
                               "deflated with the standard library's zlib (slower)")
         return False
-    stream._compressor = _isal.compressobj(_isal_level(level), _isal.DEFLATED, -15)
+    stream._compressor = _isal.compressobj(level, _isal.DEFLATED, -15)
     return True
 
 
@@ -349,7 +354,8 @@ def write_nifti_gz(image, path, level: int | None = None) -> None:
         Output file, overwritten. A name ending in ``.gz`` (any case) is
         gzip-compressed; any other name (``.nii``) is written uncompressed.
     level : int or None
-        Deflate level, 0-9 on zlib's scale; None uses :data:`DEFAULT_LEVEL`.
+        Deflate level, 0 (fastest) to 9 (smallest); None uses
+        :data:`DEFAULT_LEVEL`. 0-3: ISA-L; 4-9: the standard library's zlib.
 
     Raises
     ------
@@ -442,9 +448,12 @@ def _inflate(comp: bytes, where: str, min_size: int | None = None) -> bytearray:
     if len(comp) < 18 or comp[:3] != b"\x1f\x8b\x08":
         raise InputError(where, "not a gzip file (bad magic bytes or too short)")
     crc, isize = struct.unpack("<II", comp[-8:])
-    want = max(isize, min_size or 0)
+    # a truncated or corrupt file has a garbage "trailer": never allocate more than
+    # deflate can possibly expand to
+    cap = len(comp) * _MAX_DEFLATE_RATIO
+    want = min(max(isize, min_size or 0), cap)
     # ISIZE is the size modulo 4 GiB; 0 is also what a trailing empty member (bgzip) ends with
-    if _libdeflate is not None and 0 < isize and want < 1 << 32:
+    if _libdeflate is not None and 0 < isize <= cap and want < 1 << 32:
         try:
             out = _libdeflate.gzip_decompress(comp, isize)
         except _libdeflate.DeflateError:
@@ -456,7 +465,10 @@ def _inflate(comp: bytes, where: str, min_size: int | None = None) -> bytearray:
     elif _libdeflate is None:
         _warn_once("deflate", "niconv: the 'deflate' package is missing; inflating with a streaming "
                               "decoder (slower)")
-    return _inflate_stream(comp, where, want)
+    # preallocate what the caller expects, or a trailer size that is plausible (a truncated
+    # file's last bytes are arbitrary); the buffer grows if the stream holds more
+    hint = want if min_size else min(isize, 32 * len(comp))
+    return _inflate_stream(comp, where, hint)
 
 
 def _inflate_stream(comp: bytes, where: str, size_hint: int) -> bytearray:
@@ -624,6 +636,9 @@ def read_nifti(path, scaling: str = "float32"):
                     * first.get_data_dtype().itemsize
             except Exception:  # a bad header is reported by nifti_from_bytes below, in words
                 hint = None
+        if hint is not None and hint > len(comp) * _MAX_DEFLATE_RATIO:
+            raise InputError(where, f"header claims {hint} bytes of image data but the compressed file has "
+                                    f"only {len(comp)} bytes")
         raw = _inflate(comp, where, hint)
         del comp
         header, stored = nifti_from_bytes(raw, where)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
 import os
 import platform
 import signal
@@ -24,10 +22,10 @@ import numpy as np
 
 from . import __version__, converters
 from .config import Config
-from .errors import NiconvError, SkippedInput
 from .lock import run_lock
-from .log import CsvLog, TaskResult, fmt_shape, fmt_zooms, latest_by_task, read_rows, write_run_record
+from .log import CsvLog, latest_by_task, read_rows, write_run_record
 from .manifest import Task, shard as shard_tasks
+from .worker import convert_one
 from .writers import remove_stale_temps
 
 
@@ -120,79 +118,6 @@ def plan(tasks: tuple[Task, ...], log_rows: list[dict], *, force: bool = False,
     return Plan(tuple(pending), tuple(done), tuple(failed))
 
 
-def convert_one(task: Task) -> TaskResult:
-    """Convert one task; never raises for a per-file problem.
-
-    Returns
-    -------
-    TaskResult
-        ``ok`` with shapes, dtypes, sizes and the output's sha256; ``skipped`` for
-        an input the converter does not handle; ``failed`` with the error type
-        and a message naming the file and the cause.
-    """
-    start = time.perf_counter()
-    base = dict(task_id=task.task_id, converter=task.converter, input_path=task.input_path,
-                output_path=task.output_path, bytes_in=task.bytes_in)
-    try:
-        conv = converters.get(task.converter)
-        c = conv.convert(task, task.options)
-        nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
-        return TaskResult(
-            status="ok", input_shape=fmt_shape(c.input_shape), input_dtype=c.input_dtype,
-            output_shape=fmt_shape(c.output_shape), output_dtype=c.output_dtype,
-            zooms=fmt_zooms(c.zooms), axcodes=c.axcodes, bytes_out=nbytes, sha256=digest,
-            seconds=round(time.perf_counter() - start, 4),
-            details=json.dumps(c.details, sort_keys=True, default=_json_default) if c.details else "",
-            **base)
-    except SkippedInput as exc:
-        return TaskResult(status="skipped", error_type=type(exc).__name__, error_message=str(exc),
-                          seconds=round(time.perf_counter() - start, 4), **base)
-    except NiconvError as exc:
-        return _failed(base, exc, str(exc), start)
-    except MemoryError as exc:
-        return _failed(base, exc, f"{task.input_path}: not enough memory for this file", start)
-    except Exception as exc:  # a bug or a library error: still costs only this file
-        return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
-
-
-def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
-    return TaskResult(status="failed", error_type=type(exc).__name__,
-                      error_message=" ".join(message.split())[:2000],
-                      seconds=round(time.perf_counter() - start, 4), **base)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def digest_outputs(output_path: Path, outputs: tuple[str, ...]) -> tuple[int, str]:
-    """Total bytes and sha256 of a task's outputs.
-
-    One output file: its own sha256. Several (a folder of slices): the sha256 of
-    the sorted lines ``<relative name> <sha256>``, so the digest covers names and contents.
-    """
-    if len(outputs) == 1 and Path(outputs[0]) == output_path:
-        return os.path.getsize(output_path), file_sha256(output_path)
-    lines, total = [], 0
-    for out in sorted(outputs):
-        total += os.path.getsize(out)
-        lines.append(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n")
-    return total, hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith(".niconv-tmp-"))
@@ -211,20 +136,32 @@ def memory_budget(config: Config) -> int:
 
 
 def estimate_memory(task: Task) -> int:
-    """Peak bytes of one task from its header: voxels x itemsize x the converter's factor."""
-    from .volume import load_image, read_array
+    """Peak bytes of one task: the input's uncompressed size x the converter's factor.
 
+    Read without parsing the image, so a cohort of thousands of files is planned
+    in milliseconds: a gzip file's size trailer (ISIZE), else the file's size
+    (plus a companion data file, in ``bytes_in``). A header-only NIfTI's data
+    offset is a few hundred bytes, which the factor covers.
+    """
     conv = converters.get(task.converter)
-    try:
-        if conv.inputs == "array":
-            arr = read_array(task.input_path) if task.input_path.lower().endswith(".npy") else None
-            nbytes = arr.nbytes if arr is not None else task.bytes_in * 4
-        else:
-            img = load_image(task.input_path)
-            nbytes = math.prod(img.shape) * np.dtype(img.get_data_dtype()).itemsize
-    except Exception:  # the task itself will report the problem
-        return 0
-    return int(nbytes * conv.memory_factor)
+    return int(_uncompressed_bytes(task) * conv.memory_factor)
+
+
+def _uncompressed_bytes(task: Task) -> int:
+    path = task.input_path
+    if path.lower().endswith((".gz", ".mgz")):
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                isize = int.from_bytes(f.read(4), "little")
+        except OSError:
+            return 0  # the task itself will report the problem
+        # ISIZE is the size mod 4 GiB: below the compressed size it has wrapped
+        while isize < size:
+            isize += 2 ** 32
+        return isize
+    return task.bytes_in
 
 
 def concurrency_groups(tasks: tuple[Task, ...], jobs: int, budget: int) -> list[tuple[int, list[Task]]]:
@@ -341,6 +278,12 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     return summary
 
 
+def _batch_size(n_tasks: int, width: int) -> int:
+    """Tasks per dispatch: about 8 batches per worker, so tiny files do not pay one round trip
+    each, while big cohorts still spread evenly and results stream back often."""
+    return max(1, min(32, n_tasks // (width * 8)))
+
+
 def _dispatch(tasks: list[Task], width: int):
     """Results of ``convert_one`` over ``tasks`` as they complete (any order)."""
     if width <= 1:
@@ -350,7 +293,7 @@ def _dispatch(tasks: list[Task], width: int):
         return
     from joblib import Parallel, delayed
 
-    gen = Parallel(n_jobs=width, return_as="generator_unordered", batch_size="auto")(
+    gen = Parallel(n_jobs=width, return_as="generator_unordered", batch_size=_batch_size(len(tasks), width))(
         delayed(convert_one)(t) for t in tasks)
     try:
         yield from gen

@@ -31,6 +31,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from . import codec
 from .errors import InputError, SkippedInput
 
 # Entry-point file name endings (lower case) that a scan picks up by default. Companion
@@ -306,7 +307,11 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
     img = load_image(path)
     p = str(path)
     try:
-        data, linear = _read_data(img, scaling)
+        if _is_nifti_gz(img, p):
+            # one libdeflate call into one buffer; the voxels are a view of it (no second copy)
+            img, data, linear = codec.read_nifti(p, scaling)
+        else:
+            data, linear = _read_data(img, scaling)
     except InputError:
         raise
     except MemoryError as exc:
@@ -329,6 +334,10 @@ def _any_finite(data: np.ndarray, block: int = 1 << 20) -> bool:
         if np.isfinite(flat[start:start + block]).any():
             return True
     return False
+
+
+def _is_nifti_gz(img, p: str) -> bool:
+    return isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and p.lower().endswith(".gz")
 
 
 def _read_data(img, scaling: str) -> tuple[np.ndarray, tuple[float, float] | None]:

@@ -1,0 +1,94 @@
+"""One task in a worker process: :func:`convert_one`.
+
+Kept apart from the runner so a worker imports only what converting needs
+(the converter's module), not the config schema of every converter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import converters
+from .errors import NiconvError, SkippedInput
+from .log import TaskResult, fmt_shape, fmt_zooms
+from .manifest import Task
+
+
+def convert_one(task: Task) -> TaskResult:
+    """Convert one task; never raises for a per-file problem.
+
+    Returns
+    -------
+    TaskResult
+        ``ok`` with shapes, dtypes, sizes and the output's sha256; ``skipped`` for
+        an input the converter does not handle; ``failed`` with the error type
+        and a message naming the file and the cause.
+    """
+    start = time.perf_counter()
+    base = dict(task_id=task.task_id, converter=task.converter, input_path=task.input_path,
+                output_path=task.output_path, bytes_in=task.bytes_in)
+    try:
+        conv = converters.get(task.converter)
+        c = conv.convert(task, task.options)
+        nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
+        return TaskResult(
+            status="ok", input_shape=fmt_shape(c.input_shape), input_dtype=c.input_dtype,
+            output_shape=fmt_shape(c.output_shape), output_dtype=c.output_dtype,
+            zooms=fmt_zooms(c.zooms), axcodes=c.axcodes, bytes_out=nbytes, sha256=digest,
+            seconds=round(time.perf_counter() - start, 4),
+            details=json.dumps(c.details, sort_keys=True, default=_json_default) if c.details else "",
+            **base)
+    except SkippedInput as exc:
+        return TaskResult(status="skipped", error_type=type(exc).__name__, error_message=str(exc),
+                          seconds=round(time.perf_counter() - start, 4), **base)
+    except NiconvError as exc:
+        return _failed(base, exc, str(exc), start)
+    except MemoryError as exc:
+        return _failed(base, exc, f"{task.input_path}: not enough memory for this file", start)
+    except Exception as exc:  # a bug or a library error: still costs only this file
+        return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
+
+
+def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
+    return TaskResult(status="failed", error_type=type(exc).__name__,
+                      error_message=" ".join(message.split())[:2000],
+                      seconds=round(time.perf_counter() - start, 4), **base)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def digest_outputs(output_path: Path, outputs: tuple[str, ...]) -> tuple[int, str]:
+    """Total bytes and sha256 of a task's outputs.
+
+    One output file: its own sha256. Several (a folder of slices): the sha256 of
+    the sorted lines ``<relative name> <sha256>``, so the digest covers names and contents.
+    """
+    if len(outputs) == 1 and Path(outputs[0]) == output_path:
+        return os.path.getsize(output_path), file_sha256(output_path)
+    lines, total = [], 0
+    for out in sorted(outputs):
+        total += os.path.getsize(out)
+        lines.append(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n")
+    return total, hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
