@@ -118,6 +118,12 @@ def _crc32(data, value: int = 0) -> int:
 # .npz
 
 
+def write_npy(path, arr: np.ndarray) -> None:
+    """Write one array as ``.npy`` (``np.load`` reads it); Fortran order kept without a copy."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+
 def write_npz(path, arrays: Mapping[str, np.ndarray], compressed: bool = True, level: int | None = None) -> None:
     """Write ``arrays`` as an ``.npz``: a zip of ``.npy`` members that ``np.load`` reads.
 

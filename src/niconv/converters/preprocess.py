@@ -37,7 +37,6 @@ before any step (they would spread through interpolation); ``keep`` leaves them
 from __future__ import annotations
 
 import difflib
-import gzip
 import math
 import string
 from pathlib import Path
@@ -48,7 +47,7 @@ import numpy as np
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-from ..codec import write_npz
+from ..codec import write_nifti_gz, write_npy, write_npz
 from ..log import fmt_shape
 from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedInput
 from ..ops import crop as crop_ops
@@ -693,10 +692,10 @@ def _write(output_path: str, options: Options, arr, affine, label, image) -> lis
     label_path = _label_output(output_path)
     if options.format == "npy":
         with atomic_output(output_path) as tmp:
-            _write_npy(tmp, arr)
+            write_npy(tmp, arr)
         if label is not None:
             with atomic_output(label_path) as tmp:
-                _write_npy(tmp, label)
+                write_npy(tmp, label)
             outputs.append(label_path)
         return outputs
     # nifti: always (X, Y, Z[, C]), whatever the layout
@@ -719,11 +718,6 @@ def _label_output(output_path: str) -> str:
     return p + "_label"
 
 
-def _write_npy(path: str, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.lib.format.write_array(f, arr, allow_pickle=False)
-
-
 def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent: str | None) -> None:
     img = nib.Nifti1Image(data, affine, dtype=data.dtype)
     hdr = img.header
@@ -736,16 +730,8 @@ def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent
     hdr.set_xyzt_units("mm")
     if intent:
         hdr.set_intent(intent)
-    compress = str(path).lower().endswith(".gz")
     with atomic_output(path) as tmp:
-        with open(tmp, "wb") as raw:
-            # gzip without file name or time stamp: same bytes on every run
-            fobj = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) if compress else raw
-            try:
-                img.to_file_map({"image": nib.FileHolder(fileobj=fobj)})
-            finally:
-                if compress:
-                    fobj.close()
+        write_nifti_gz(img, tmp)  # .nii.gz deterministic (gzip mtime 0); .nii uncompressed
 
 
 # Peak memory of one task in multiples of the input's stored bytes, measured with

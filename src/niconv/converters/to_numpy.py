@@ -65,8 +65,7 @@ def write_numpy(input_path: str, output_file: str, options: Options) -> Conversi
                 arrays["scl_inter"] = np.float64(vol.scaling[1])
             codec.write_npz(tmp, arrays, compressed=True, level=options.level)
         else:
-            with open(tmp, "wb") as f:
-                np.lib.format.write_array(f, np.asanyarray(data), allow_pickle=False)
+            codec.write_npy(tmp, data)
     return Conversion(
         outputs=(str(output_file),),
         input_shape=tuple(vol.image.shape),
