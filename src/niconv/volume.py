@@ -320,7 +320,7 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
         raise InputError(p, f"file is truncated or its compressed data is corrupt ({_first_line(exc)})") from exc
     except Exception as exc:
         raise InputError(p, f"cannot read voxel data ({type(exc).__name__}: {_first_line(exc)})") from exc
-    if data.dtype.byteorder not in ("=", "|") and data.dtype.fields is None:
+    if not data.dtype.isnative and data.dtype.fields is None:
         data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype.kind in "fc" and data.size and not _any_finite(data):
         raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
