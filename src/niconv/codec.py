@@ -650,7 +650,7 @@ def read_nifti(path, scaling: str = "float32"):
         header, stored = nifti_from_bytes(raw, where)
         klass = _nifti_class(raw, where)
         slope, inter = _slope_inter(header, where)
-        data, linear = _apply_scaling(stored, slope, inter, scaling)
+        data, linear = apply_scaling(stored, slope, inter, scaling)
         # the constructor keeps the header as is when the affine matches its best affine,
         # and resets scl_slope/scl_inter as nib.load does (the data is already scaled)
         image = klass(data, header.get_best_affine(), header)
@@ -672,7 +672,7 @@ def read_nifti(path, scaling: str = "float32"):
     stored = proxy.get_unscaled()
     if not stored.dtype.isnative and stored.dtype.fields is None:
         stored = stored.astype(stored.dtype.newbyteorder("="))
-    data, linear = _apply_scaling(stored, slope, inter, scaling)
+    data, linear = apply_scaling(stored, slope, inter, scaling)
     return image, data, linear
 
 
@@ -691,7 +691,13 @@ def _slope_inter(header, where: str) -> tuple[float, float]:
     return slope, inter
 
 
-def _apply_scaling(stored: np.ndarray, slope: float, inter: float, scaling: str):
+def apply_scaling(stored: np.ndarray, slope: float, inter: float, scaling: str):
+    """The dtype policy of :mod:`niconv.volume` for a linear scale: ``(data, unapplied scale or None)``.
+
+    Unscaled data are returned as stored; ``scaling="raw"`` returns the stored
+    values and ``(slope, inter)``; otherwise float32 values, stored * slope + inter
+    (the NIfTI-1 standard's rule), computed in place in Fortran order.
+    """
     if slope == 1.0 and inter == 0.0:
         return stored, None
     if scaling == "raw":

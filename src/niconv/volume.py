@@ -347,18 +347,7 @@ def _read_data(img, scaling: str) -> tuple[np.ndarray, tuple[float, float] | Non
         if not (np.isfinite(slope) and np.isfinite(inter)):
             raise InputError(proxy.file_like if isinstance(proxy.file_like, str) else "",
                              f"scale factors are not finite (scl_slope={slope}, scl_inter={inter})")
-        stored = proxy.get_unscaled()
-        if slope == 1.0 and inter == 0.0:
-            return stored, None
-        if scaling == "raw":
-            return stored, (slope, inter)
-        # scale in float32 in place: 2x the stored size instead of nibabel's float64 (4x for int16)
-        out = stored.astype(np.float32)
-        if slope != 1.0:
-            out *= np.float32(slope)
-        if inter != 0.0:
-            out += np.float32(inter)
-        return out, None
+        return codec.apply_scaling(proxy.get_unscaled(), slope, inter, scaling)
     data = np.asanyarray(proxy)
     stored_dtype = np.dtype(img.get_data_dtype())
     if data.dtype == np.float64 and stored_dtype != np.float64:
