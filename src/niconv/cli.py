@@ -95,18 +95,21 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from .runner import run
+    from .runner import run, start_workers
     from .scan import build_manifest
 
     config = _load(args)
+    workers = start_workers(args.jobs or config.n_jobs, args.backend or config.backend)
     tasks = build_manifest(config)
     s = run(config, tasks, jobs=args.jobs, force=args.force, retry_failed=args.retry_failed,
-            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet)
+            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet,
+            workers=workers)
     parts = [f"{s.converted} converted", f"{s.already_done} already done", f"{s.skipped} skipped",
              f"{s.failed} failed"]
     if s.failed_before:
         parts.append(f"{s.failed_before} failed earlier (--retry-failed to redo)")
-    print(f"niconv: {', '.join(parts)} in {s.seconds:.1f} s; log: {s.log_path}")
+    rate = f" ({s.files_per_second:.1f} files/s converting)" if s.conversion_seconds else ""
+    print(f"niconv: {', '.join(parts)} in {s.seconds:.1f} s{rate}; log: {s.log_path}")
     if s.interrupted:
         print("niconv: interrupted; rerun the same command to resume", file=sys.stderr)
     return s.exit_code

@@ -649,6 +649,7 @@ def read_nifti(path, scaling: str = "float32"):
         del comp
         header, stored = nifti_from_bytes(raw, where)
         klass = _nifti_class(raw, where)
+        check_scale_factors(float(header["scl_slope"]), float(header["scl_inter"]), where)
         slope, inter = _slope_inter(header, where)
         data, linear = apply_scaling(stored, slope, inter, scaling)
         # the constructor keeps the header as is when the affine matches its best affine,
@@ -674,6 +675,32 @@ def read_nifti(path, scaling: str = "float32"):
         stored = stored.astype(stored.dtype.newbyteorder("="))
     data, linear = apply_scaling(stored, slope, inter, scaling)
     return image, data, linear
+
+
+def check_scale_factors(slope: float, inter: float, where: str) -> None:
+    """Refuse non-finite NIfTI scale factors, which nibabel silently reads as 'no scaling'.
+
+    ``slope`` and ``inter`` are the header's raw ``scl_slope`` and ``scl_inter``.
+    A NaN or infinite ``scl_slope`` means the header is damaged: the intended
+    scaling is unknown, so converting the stored integers would give wrong
+    values without a word. ``scl_slope == 0`` is the NIfTI-1 standard's "no
+    scaling", and both factors NaN is how nibabel marks an unscaled header, so
+    both pass.
+
+    Raises
+    ------
+    InputError
+        If ``scl_slope`` is not finite, or ``scl_inter`` is not finite while
+        ``scl_slope`` is set.
+    """
+    if np.isnan(slope) and np.isnan(inter):
+        return
+    if not np.isfinite(slope):
+        raise InputError(where, f"the scale factor scl_slope in the header is {slope}, not a finite number, "
+                                "so the voxel values cannot be computed (damaged header)")
+    if slope != 0 and not np.isfinite(inter):
+        raise InputError(where, f"the scale factor scl_inter in the header is {inter}, not a finite number, "
+                                "so the voxel values cannot be computed (damaged header)")
 
 
 def _slope_inter(header, where: str) -> tuple[float, float]:

@@ -55,6 +55,13 @@ class RunSummary:
     seconds: float
     log_path: str
     interrupted: bool = False
+    conversion_seconds: float = 0.0
+
+    @property
+    def files_per_second(self) -> float:
+        """Tasks finished per second of the conversion phase (first dispatch to last result)."""
+        done = self.converted + self.skipped + self.failed
+        return done / self.conversion_seconds if self.conversion_seconds > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -193,6 +200,55 @@ def _backend(config: Config, backend: str, scheduler: str | None):
         yield
 
 
+def _import_worker() -> None:
+    """Worker process initializer: import what converting needs before the first task arrives."""
+    from . import worker  # noqa: F401
+
+
+def _processes(width: int, **kwargs):
+    """The joblib dispatcher of a run. Local runs use loky processes that import the worker
+    modules as they start (the same arguments every time, so joblib reuses a started pool)."""
+    from joblib import Parallel
+    from joblib.parallel import get_active_backend
+
+    backend, _ = get_active_backend()
+    if type(backend).__name__ == "LokyBackend":
+        kwargs["initializer"] = _import_worker
+    return Parallel(n_jobs=width, **kwargs)
+
+
+class Workers:
+    """Worker processes started in the background (:func:`start_workers`)."""
+
+    def __init__(self, width: int):
+        import threading
+
+        self.width = width
+        self._thread = threading.Thread(target=self._start, name="niconv-start-workers", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        from joblib import delayed
+
+        try:
+            _processes(self.width)(delayed(os.getpid)() for _ in range(1))
+        except Exception:  # noqa: BLE001 - only a head start; the run starts workers itself
+            pass
+
+    def ready(self) -> None:
+        """Wait until the pool has started (one dispatcher at a time uses it)."""
+        self._thread.join()
+
+
+def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
+    """Start ``jobs`` local worker processes in the background, so their start-up
+    (a fresh interpreter importing numpy, nibabel and niconv: about half a second)
+    overlaps the scan and the plan. None when the run needs no local processes."""
+    if backend != "loky" or jobs <= 1:
+        return None
+    return Workers(jobs)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """A scheduler's SIGTERM (time limit, preemption) stops the run like Ctrl-C: log flushed."""
@@ -211,7 +267,7 @@ def _sigterm_as_interrupt():
 
 def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, force: bool = False,
         retry_failed: bool = False, shard: tuple[int, int] | None = None, backend: str | None = None,
-        scheduler: str | None = None, progress: bool = True) -> RunSummary:
+        scheduler: str | None = None, progress: bool = True, workers: Workers | None = None) -> RunSummary:
     """Convert the pending tasks of a manifest and log every result.
 
     Parameters
@@ -228,6 +284,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         Run only shard ``I`` of ``N`` (balanced by input bytes); logs to its own file.
     backend, scheduler : str, optional
         ``loky`` (default) or ``dask``; a Dask scheduler address.
+    workers : Workers, optional
+        Processes already starting (:func:`start_workers`); waited for before dispatch.
 
     Returns
     -------
@@ -250,12 +308,17 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
         todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
         bar = _progress(len(todo.pending), progress)
+        dispatched = last = time.monotonic()
         with CsvLog(log_path) as log:
             try:
+                groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
+                if workers is not None:
+                    workers.ready()
                 with _backend(config, backend, scheduler):
-                    synced = time.monotonic()
-                    for width, group in concurrency_groups(todo.pending, jobs, memory_budget(config)):
+                    synced = dispatched = last = time.monotonic()
+                    for width, group in groups:
                         for result in _dispatch(group, width):
+                            last = time.monotonic()
                             if time.monotonic() - synced > SYNC_SECONDS:
                                 os.sync()  # outputs to disk in batches, not one fsync per file
                                 synced = time.monotonic()
@@ -273,7 +336,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             total=len(todo.pending) + len(todo.done) + len(todo.failed_before),
             converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],
             already_done=len(todo.done), failed_before=len(todo.failed_before),
-            seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=interrupted)
+            seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=interrupted,
+            conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0)
         write_run_record(run_record_path(log_path), _record(config, tasks, summary, started, jobs, backend, shard))
     return summary
 
@@ -291,9 +355,9 @@ def _dispatch(tasks: list[Task], width: int):
         for t in tasks:
             yield convert_one(t)
         return
-    from joblib import Parallel, delayed
+    from joblib import delayed
 
-    gen = Parallel(n_jobs=width, return_as="generator_unordered", batch_size=_batch_size(len(tasks), width))(
+    gen = _processes(width, return_as="generator_unordered", batch_size=_batch_size(len(tasks), width))(
         delayed(convert_one)(t) for t in tasks)
     try:
         yield from gen
@@ -336,6 +400,9 @@ def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: in
         "backend": backend,
         "started": iso(started),
         "finished": iso(time.time()),
+        "seconds": summary.seconds,
+        "conversion_seconds": summary.conversion_seconds,
+        "files_per_second": round(summary.files_per_second, 2),
         "counts": {"converted": summary.converted, "skipped": summary.skipped, "failed": summary.failed,
                    "already_done": summary.already_done, "failed_before": summary.failed_before},
         "interrupted": summary.interrupted,

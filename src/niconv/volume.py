@@ -255,13 +255,7 @@ def _check_companion(p: Path, img) -> None:
 
 
 def _check_scale_factors(p: Path, img) -> None:
-    """Refuse non-finite NIfTI scale factors, which nibabel silently reads as 'no scaling'.
-
-    A NaN or infinite ``scl_slope`` means the header is damaged: the intended
-    scaling is unknown, so converting the stored integers would give wrong
-    values without a word. ``scl_slope == 0`` is the standard's "no scaling",
-    and both factors NaN is how nibabel marks an unscaled header, so both pass.
-    """
+    """:func:`niconv.codec.check_scale_factors` on the header as stored (nibabel resets its copy)."""
     if not isinstance(img.header, nib.Nifti1Header):
         return
     holder = img.file_map.get("header") or img.file_map.get("image")
@@ -271,14 +265,7 @@ def _check_scale_factors(p: Path, img) -> None:
         slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
     except Exception:  # the header was read once already; a second failure is not this check's business
         return
-    if np.isnan(slope) and np.isnan(inter):
-        return
-    if not np.isfinite(slope):
-        raise InputError(str(p), f"the scale factor scl_slope in the header is {slope}, not a finite number, "
-                                 "so the voxel values cannot be computed (damaged header)")
-    if slope != 0 and not np.isfinite(inter):
-        raise InputError(str(p), f"the scale factor scl_inter in the header is {inter}, not a finite number, "
-                                 "so the voxel values cannot be computed (damaged header)")
+    codec.check_scale_factors(slope, inter, str(p))
 
 
 def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
@@ -304,8 +291,35 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
     SkippedInput
         For DICOM files (not supported yet).
     """
-    img = load_image(path)
     p = str(path)
+    fast = _read_nifti_gz(p, scaling) if p.lower().endswith(".nii.gz") else None
+    if fast is not None:
+        img, data, linear = fast
+    else:
+        img, data, linear = _read_voxels(load_image(path), p, scaling)
+    if data.dtype.kind in "fc" and data.size and not _any_finite(data):
+        raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
+    return Volume(path=p, image=img, data=data, scaling=linear)
+
+
+def _read_nifti_gz(p: str, scaling: str):
+    """The common case in one pass: one libdeflate call, one header parse (no ``nib.load``).
+
+    Returns ``(image, data, linear)``, or None when the file is not a sound
+    single-file NIfTI: then :func:`load_image` and nibabel's reader word the problem.
+    """
+    check_input_file(p)
+    try:
+        return codec.read_nifti(p, scaling)
+    except InputError:
+        return None
+    except MemoryError as exc:
+        raise InputError(p, "not enough memory to read the voxels") from exc
+
+
+def _read_voxels(img, p: str, scaling: str):
+    """``(image, data, linear)`` of an image opened by :func:`load_image`: voxels per the
+    dtype policy, in native byte order."""
     try:
         if _is_nifti_gz(img, p):
             # one libdeflate call into one buffer; the voxels are a view of it (no second copy)
@@ -322,9 +336,7 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
         raise InputError(p, f"cannot read voxel data ({type(exc).__name__}: {_first_line(exc)})") from exc
     if not data.dtype.isnative and data.dtype.fields is None:
         data = data.astype(data.dtype.newbyteorder("="))
-    if data.dtype.kind in "fc" and data.size and not _any_finite(data):
-        raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
-    return Volume(path=p, image=img, data=data, scaling=linear)
+    return img, data, linear
 
 
 def _any_finite(data: np.ndarray, block: int = 1 << 20) -> bool:

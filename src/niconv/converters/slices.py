@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-import tifffile
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, \
     field_validator, model_validator
@@ -555,6 +554,8 @@ def _write_image(img: Image.Image, path: Path, opts: Options) -> None:
         elif opts.format == "jpg":
             img.save(tmp, format="JPEG", quality=opts.jpeg_quality, optimize=False, progressive=False)
         else:
+            import tifffile  # here: only TIFF exports pay its import
+
             arr = np.asarray(img)
             tifffile.imwrite(tmp, arr, photometric="rgb" if arr.ndim == 3 else "minisblack",
                              software=False, metadata=None, compression=None)

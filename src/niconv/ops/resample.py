@@ -39,7 +39,6 @@ import math
 
 import numpy as np
 from nibabel.affines import voxel_sizes
-from scipy import ndimage as ndi
 
 from ..errors import InputError
 
@@ -180,6 +179,8 @@ def resample(
         If not exactly one of ``spacing``/``shape`` is given, or they are invalid,
         or ``order`` is not 0..5, or ``data`` is not 3D.
     """
+    from scipy import ndimage as ndi  # here: scipy's import costs every run that never resamples
+
     if data.ndim != 3:
         raise ValueError(f"resample expects a 3D array (X, Y, Z), found shape {data.shape}")
     if (spacing is None) == (shape is None):
