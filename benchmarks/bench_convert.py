@@ -6,14 +6,19 @@ Measured, each in a fresh process so peak memory is its own:
   (a) seed     the seed recipe: ``nib.load(f).get_fdata()`` + ``np.savez_compressed``
   (b) careful  ``np.asanyarray(img.dataobj)`` (stored dtype) + ``np.savez_compressed``
   (c) niconv   ``niconv run CONFIG --jobs N`` (``convert: {to: numpy, compressed: true}``),
-               timed from process start to exit
+               timed from process start to exit; also its conversion phase (first task
+               dispatched to last result, from the run record), which excludes interpreter
+               start-up, imports, the scan and worker start-up
   (d) floor    the bare codec: libdeflate one-shot inflate of each file + ISA-L deflate
                of the same voxel bytes to disk, no container and no Python work between
   read         reading alone: ``np.asanyarray(nib.load(f).dataobj)`` vs
                ``niconv.codec.read_nifti(f)``
 
 For each: files/s, voxel MB/s (uncompressed array bytes per second), peak RSS of
-the busiest process, total output size, and ratios to (a) and (b).
+the busiest process, total output size, and ratios to (a) and (b). ``--repeat N``
+runs every method N times, interleaved, and reports the median; before each run
+the method's old outputs are deleted and the file system is given ``--settle``
+seconds, so the deletion's journal work is not charged to the next method.
 
 The cohort is generated from the real MNI152 T1 template in the project's test
 data (resampled to the target shape with cubic splines, Rician noise at a
@@ -305,9 +310,10 @@ def run_niconv(files_root: Path, out: Path, jobs: int) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"niconv run exited {proc.returncode}:\n{stdout}\n{stderr}")
+    record = json.loads((out / "niconv_log.run.json").read_text())
     # sampled high-water marks: a peak between two samples is still seen
     return {"seconds": seconds, "peak_rss_mb": max(peaks.values(), default=float("nan")),
-            "message": stdout.strip() or stderr.strip()}
+            "conversion_seconds": record["conversion_seconds"], "message": stdout.strip() or stderr.strip()}
 
 
 def _loop_main(args) -> None:
@@ -334,10 +340,16 @@ def _loop_main(args) -> None:
 # driver
 
 
-def measure(kind: str, procs: int, files: list[Path], root: Path, work: Path, level: int) -> dict:
+def measure(kind: str, procs: int, files: list[Path], root: Path, work: Path, level: int,
+            settle: float = 0.0) -> dict:
     out = work / f"out_{kind}_{procs}"
     if out.exists():
         shutil.rmtree(out)
+    if settle:
+        # deleting thousands of files leaves the file system busy (journal, discards) for a
+        # while; let that finish so it is not charged to the next method
+        os.sync()
+        time.sleep(settle)
     listing = work / "files.txt"
     cmd = [sys.executable, __file__, "--_loop", kind, "--files", str(listing), "--out", str(out),
            "--root", str(root), "--procs", str(procs), "--level", str(level)]
@@ -387,10 +399,11 @@ def report(results: list[dict], n_files: int, vox: int) -> str:
     results = [r for r in results if r["kind"] not in READERS]
     for r in results:
         fps = n_files / r["seconds"]
+        runs = f" (median of {r['repeats']})" if r.get("repeats", 1) > 1 else ""
         size_ratio = f"{r['out_bytes'] / careful['out_bytes']:.3f}" if careful else ""
         x_seed = f"{fps / (n_files / seed['seconds']):.1f}" if seed else ""
         x_careful = f"{fps / (n_files / careful['seconds']):.1f}" if careful else ""
-        lines.append(f"| {LABELS[r['kind']]} | {r['procs']} | {fps:.2f} | {vox / 1e6 / r['seconds']:.0f} "
+        lines.append(f"| {LABELS[r['kind']]}{runs} | {r['procs']} | {fps:.2f} | {vox / 1e6 / r['seconds']:.0f} "
                      f"| {r['peak_rss_mb']:.0f} | {r['out_bytes'] / 1e6:.1f} | {size_ratio} | {x_seed} | {x_careful} |")
     if reads:
         nib_read = next((r for r in reads if r["kind"] == "read-nibabel"), None)
@@ -399,7 +412,32 @@ def report(results: list[dict], n_files: int, vox: int) -> str:
             x = f"{nib_read['seconds'] / r['seconds']:.1f}" if nib_read else ""
             lines.append(f"| {LABELS[r['kind']]} | {n_files / r['seconds']:.2f} | {vox / 1e6 / r['seconds']:.0f} "
                          f"| {r['peak_rss_mb']:.0f} | {x} |")
+    conv = [r for r in results if r.get("conversion_seconds")]
+    if conv:
+        lines += ["", "`niconv run`: whole process (start to exit) and its conversion phase (first task dispatched "
+                      "to last result, from the run record `niconv_log.run.json`; worker start-up excluded)", "",
+                  "| processes | whole run (s) | files/s | conversion phase (s) | files/s | x jobs=1 whole | x jobs=1 conversion |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        one = next((r for r in conv if r["procs"] == 1), None)
+        for r in conv:
+            x_whole = f"{one['seconds'] / r['seconds']:.2f}" if one else ""
+            x_conv = f"{one['conversion_seconds'] / r['conversion_seconds']:.2f}" if one else ""
+            lines.append(f"| {r['procs']} | {r['seconds']:.2f} | {n_files / r['seconds']:.1f} "
+                         f"| {r['conversion_seconds']:.2f} | {n_files / r['conversion_seconds']:.1f} "
+                         f"| {x_whole} | {x_conv} |")
     return "\n".join(lines)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the lower middle one for an even count), with every time kept."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen.update(repeats=len(runs), all_seconds=[round(r["seconds"], 3) for r in runs])
+    if "conversion_seconds" in chosen:
+        # the conversion phase's own median, not the whole run's
+        phases = sorted(r["conversion_seconds"] for r in runs)
+        chosen["conversion_seconds"] = phases[(len(phases) - 1) // 2]
+    return chosen
 
 
 def main(argv=None) -> int:
@@ -413,6 +451,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--jobs", default="1,2", help="process counts for niconv and the floor (default: 1,2)")
     parser.add_argument("--level", type=int, default=None, help="ISA-L level of the floor (default: niconv's)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each method; the median is reported")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds to let the file system settle after deleting a method's old outputs")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--levels", action="store_true",
                         help="only compare deflate levels' output size and speed with np.savez_compressed")
@@ -474,12 +515,15 @@ def main(argv=None) -> int:
             plan += [(r, 1) for r in READERS]
         else:
             plan += [(m, 1)] if m in ("seed", "careful") else [(m, j) for j in jobs]
-    results = []
-    for kind, procs in plan:
-        print(f"bench: {kind} x{procs} ...", file=sys.stderr, flush=True)
-        r = measure(kind, procs, files, root, work, level)
-        print(f"bench:   {len(files) / r['seconds']:.2f} files/s, {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-        results.append(r)
+    # repeats interleave the methods, so a slow spell of the machine does not fall on one method only
+    runs: dict[tuple[str, int], list[dict]] = {key: [] for key in plan}
+    for _ in range(max(1, args.repeat)):
+        for kind, procs in plan:
+            print(f"bench: {kind} x{procs} ...", file=sys.stderr, flush=True)
+            r = measure(kind, procs, files, root, work, level, args.settle)
+            print(f"bench:   {len(files) / r['seconds']:.2f} files/s, {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+            runs[(kind, procs)].append(r)
+    results = [median_run(runs[key]) for key in plan]
 
     print(f"\n{len(files)} files ({label}); {vox / 1e6:.0f} MB of voxels, {comp / 1e6:.0f} MB of .nii.gz")
     print(env + f", at end {os.getloadavg()[0]:.1f}\n")

@@ -459,3 +459,39 @@ def test_read_nifti_errors(tmp_path):
         codec.read_nifti(tmp_path / "cut.nii.gz")
     with pytest.raises(InputError, match="not a single-file NIfTI"):
         codec.read_nifti(real("fs_brainmask.mgz").with_name("spm99_single_subj_T1.hdr"))
+
+
+GZ_NIFTIS = [p for p in NIFTIS if p.name.endswith(".nii.gz")]
+
+
+@pytest.mark.skipif(not GZ_NIFTIS, reason=NO_DATA)
+@pytest.mark.parametrize("path", GZ_NIFTIS, ids=[p.name for p in GZ_NIFTIS])
+def test_read_volume_nii_gz_parses_the_header_once(path, monkeypatch):
+    """A sound .nii.gz is read in one pass: no nib.load (which would parse the header again)."""
+    import niconv.volume as volume
+
+    expected = read_volume(path)
+    monkeypatch.setattr(volume.nib, "load", lambda *a, **k: pytest.fail("nib.load called for a sound .nii.gz"))
+    got = read_volume(path)
+    assert got.data.dtype == expected.data.dtype
+    assert np.array_equal(got.data, expected.data, equal_nan=got.data.dtype.kind == "f")
+    assert got.image.header.binaryblock == expected.image.header.binaryblock
+    assert got.axcodes == expected.axcodes and got.zooms == expected.zooms
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("scl_slope", np.nan, "scl_slope in the header is nan"),
+    ("scl_slope", np.inf, "scl_slope in the header is inf"),
+    ("scl_inter", np.inf, "scl_inter in the header is inf"),
+])
+def test_fast_reader_refuses_non_finite_scale_factors(tmp_path, field, value, words):
+    """nibabel reads these as 'no scaling' without a word; the fast path refuses them as load_image does."""
+    img = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4))
+    img.header["scl_slope"], img.header["scl_inter"] = 2.0, 1.0
+    img.header[field] = value
+    path = tmp_path / "scaled.nii.gz"
+    raw = bytearray(img.header.binaryblock) + b"\0" * 4 + np.arange(24, dtype=np.int16).tobytes(order="F")
+    path.write_bytes(gzip.compress(bytes(raw)))
+    for read in (codec.read_nifti, read_volume):
+        with pytest.raises(InputError, match=words):
+            read(path)

@@ -171,3 +171,48 @@ def test_plan_lists_tasks_and_converts_nothing(cohort, tmp_path):
     assert not (tmp_path / "out").exists()
     proc = niconv("plan", cfg, "--csv")
     assert proc.stdout.splitlines()[0] == "task_id,state,converter,input_path,output_path,bytes_in"
+
+
+def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
+    """`start_workers` starts the pool during the scan; the run dispatches to those processes."""
+    from joblib import delayed
+
+    from niconv.config import load_config
+    from niconv.runner import _ping, _processes, run, start_workers
+    from niconv.scan import build_manifest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("nib_example4d.nii.gz", "dipy_aniso_vox.nii.gz", "nib_example_nifti2.nii.gz"):
+        shutil.copy(cohort / name, raw / name)
+    config = load_config(write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n"))
+    workers = start_workers(2)
+    assert start_workers(1) is None and start_workers(2, "dask") is None  # nothing local to start
+    tasks = build_manifest(config)
+    started = workers.ready()
+    assert len(started) == 2
+    summary = run(config, tasks, jobs=2, progress=False, workers=workers)
+    assert (summary.converted, summary.failed) == (3, 0)
+    # the pool that converted is the one started before the scan: no new processes
+    pids = set()
+    for _ in range(20):
+        pids |= set(_processes(2)(delayed(_ping)() for _ in range(2)))
+    assert pids == started
+
+
+def test_run_record_times_the_conversion_phase(cohort, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("nib_example4d.nii.gz", "dipy_aniso_vox.nii.gz"):
+        shutil.copy(cohort / name, raw / name)
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\njobs: 2\nconvert: {to: numpy}\n")
+    res = niconv("run", cfg, "--quiet")
+    assert res.returncode == 0
+    record = json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())
+    assert 0 < record["conversion_seconds"] <= record["seconds"]
+    assert record["files_per_second"] == pytest.approx(2 / record["conversion_seconds"], rel=0.01)
+    assert f"({record['files_per_second']:.1f} files/s converting)" in res.stdout
+    # a rerun with nothing to do has no conversion phase
+    again = niconv("run", cfg, "--quiet")
+    assert "2 already done" in again.stdout and "files/s" not in again.stdout
+    assert json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())["conversion_seconds"] == 0

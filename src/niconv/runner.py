@@ -31,6 +31,8 @@ from .writers import remove_stale_temps
 
 # How often the parent flushes finished outputs to disk (seconds).
 SYNC_SECONDS = 5.0
+# How long a run waits for its worker processes to start before dispatching anyway (seconds).
+WORKER_START_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -224,20 +226,37 @@ class Workers:
         import threading
 
         self.width = width
+        self.pids: set[int] = set()
         self._thread = threading.Thread(target=self._start, name="niconv-start-workers", daemon=True)
         self._thread.start()
 
     def _start(self) -> None:
         from joblib import delayed
 
+        # every worker has imported its modules once each has answered a ping; pings
+        # take a moment so that one ready worker cannot answer them all
+        deadline = time.monotonic() + WORKER_START_SECONDS
         try:
-            _processes(self.width)(delayed(os.getpid)() for _ in range(1))
+            while len(self.pids) < self.width and time.monotonic() < deadline:
+                self.pids.update(_processes(self.width)(delayed(_ping)() for _ in range(self.width)))
         except Exception:  # noqa: BLE001 - only a head start; the run starts workers itself
             pass
 
-    def ready(self) -> None:
-        """Wait until the pool has started (one dispatcher at a time uses it)."""
+    def ready(self) -> set[int]:
+        """Wait until every worker has started (one dispatcher at a time uses the pool).
+
+        Returns
+        -------
+        set of int
+            The process ids of the started workers.
+        """
         self._thread.join()
+        return set(self.pids)
+
+
+def _ping() -> int:
+    time.sleep(0.01)
+    return os.getpid()
 
 
 def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
