@@ -216,3 +216,22 @@ def test_run_record_times_the_conversion_phase(cohort, tmp_path):
     again = niconv("run", cfg, "--quiet")
     assert "2 already done" in again.stdout and "files/s" not in again.stdout
     assert json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())["conversion_seconds"] == 0
+
+
+def test_batches_cover_every_task_once_and_shrink_to_single_tasks():
+    from niconv.manifest import Task
+    from niconv.runner import BATCH_INPUT_BYTES, BATCH_MAX_TASKS, batches
+
+    def cohort_of(n, nbytes):
+        return [Task(f"{i:04d}", "numpy", f"in/{i}.nii.gz", f"{i}.nii.gz", f"out/{i}.npz", None, (), nbytes)
+                for i in range(n)]
+
+    tiny = cohort_of(1000, 45_000)  # 32^3 int16 volumes
+    split = batches(tiny, 2)
+    assert [t for b in split for t in b] == tiny  # every task once, in manifest order
+    sizes = [len(b) for b in split]
+    assert sizes[0] == BATCH_MAX_TASKS and sizes == sorted(sizes, reverse=True) and sizes[-8:] == [1] * 8
+    # large volumes go one by one; a batch never holds much more than BATCH_INPUT_BYTES of input
+    assert {len(b) for b in batches(cohort_of(80, 10_000_000), 2)} == {1}
+    assert max(len(b) for b in batches(cohort_of(400, 1_000_000), 2)) == BATCH_INPUT_BYTES // 1_000_000
+    assert batches([], 2) == [] and [len(b) for b in batches(cohort_of(3, 10), 4)] == [1, 1, 1]

@@ -25,12 +25,15 @@ from .config import Config
 from .lock import run_lock
 from .log import CsvLog, latest_by_task, read_rows, write_run_record
 from .manifest import Task, shard as shard_tasks
-from .worker import convert_one
+from .worker import convert_batch, convert_one
 from .writers import remove_stale_temps
 
 
 # How often the parent flushes finished outputs to disk (seconds).
 SYNC_SECONDS = 5.0
+# Dispatch batches: at most this many tasks, holding about this many bytes of input.
+BATCH_MAX_TASKS = 64
+BATCH_INPUT_BYTES = 16 * 2**20
 # How long a run waits for its worker processes to start before dispatching anyway (seconds).
 WORKER_START_SECONDS = 30.0
 
@@ -361,10 +364,26 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     return summary
 
 
-def _batch_size(n_tasks: int, width: int) -> int:
-    """Tasks per dispatch: about 8 batches per worker, so tiny files do not pay one round trip
-    each, while big cohorts still spread evenly and results stream back often."""
-    return max(1, min(32, n_tasks // (width * 8)))
+def batches(tasks: list[Task], width: int) -> list[list[Task]]:
+    """Split tasks into the batches sent to workers, large first and shrinking to one task.
+
+    A round trip to a worker costs about a millisecond, so tiny files travel
+    together, up to :data:`BATCH_MAX_TASKS` per batch; a batch holds about
+    :data:`BATCH_INPUT_BYTES` of input, so large volumes go one by one. Each
+    batch is a quarter of what is left per worker (guided self-scheduling), so
+    the last batches are single tasks and no worker idles while another
+    finishes a long batch at the end.
+    """
+    if not tasks:
+        return []
+    mean_bytes = max(1, sum(t.bytes_in for t in tasks) // len(tasks))
+    cap = max(1, min(BATCH_MAX_TASKS, BATCH_INPUT_BYTES // mean_bytes))
+    out, i = [], 0
+    while i < len(tasks):
+        size = max(1, min(cap, (len(tasks) - i) // (4 * width)))
+        out.append(list(tasks[i:i + size]))
+        i += size
+    return out
 
 
 def _dispatch(tasks: list[Task], width: int):
@@ -376,10 +395,11 @@ def _dispatch(tasks: list[Task], width: int):
         return
     from joblib import delayed
 
-    gen = _processes(width, return_as="generator_unordered", batch_size=_batch_size(len(tasks), width))(
-        delayed(convert_one)(t) for t in tasks)
+    gen = _processes(width, return_as="generator_unordered", batch_size=1)(
+        delayed(convert_batch)(b) for b in batches(tasks, width))
     try:
-        yield from gen
+        for results in gen:
+            yield from results
     finally:
         gen.close()  # on Ctrl-C: joblib terminates the workers
 

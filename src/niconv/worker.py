@@ -54,6 +54,11 @@ def convert_one(task: Task) -> TaskResult:
         return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
 
 
+def convert_batch(tasks: list[Task]) -> list[TaskResult]:
+    """:func:`convert_one` over a batch of tasks, in order: one round trip to a worker."""
+    return [convert_one(t) for t in tasks]
+
+
 def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
     return TaskResult(status="failed", error_type=type(exc).__name__,
                       error_message=" ".join(message.split())[:2000],
