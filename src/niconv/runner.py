@@ -351,6 +351,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                                 bar.set_postfix(failed=counts["failed"], refresh=False)
             except KeyboardInterrupt:
                 interrupted = True
+                # a worker stopped mid-write may not have removed its temporary file
+                remove_stale_temps(config.output.root)
             finally:
                 bar.close()
                 os.sync()
