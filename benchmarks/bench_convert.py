@@ -30,12 +30,18 @@ generated volume, the size of each deflate level's output relative to
 ``np.savez_compressed`` and its speed: the measurement behind
 ``niconv.codec.DEFAULT_LEVEL``.
 
+``--storage`` instead measures the file system under ``--workdir`` alone:
+niconv's per-file operations (two new folders, a file created, written and
+renamed) in 1 and 2 processes, with no conversion, to tell whether the storage
+caps what a second worker can add for many small files.
+
 Examples
 --------
     python benchmarks/bench_convert.py --mode mri            # 80 volumes 256x256x130 int16
     python benchmarks/bench_convert.py --mode small          # 1000 volumes 32x32x32 int16
     python benchmarks/bench_convert.py --input /data/cohort --methods careful,niconv
     python benchmarks/bench_convert.py --levels
+    python benchmarks/bench_convert.py --storage --workdir /tmp/x --repeat 3
 """
 from __future__ import annotations
 
@@ -131,6 +137,66 @@ def generate_cohort(folder: Path, mode: str, count: int, data_dir: Path) -> list
     stamp.write_text(json.dumps(spec))
     print(f"  cohort ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return sorted(folder.rglob("*.nii.gz"))
+
+
+def _storage_chunk(args) -> float:
+    """Write one process's share of the output tree: seconds per file."""
+    folder, first, count, payload_bytes = args
+    payload = os.urandom(payload_bytes)
+    t0 = time.perf_counter()
+    for i in range(first, first + count):
+        d = os.path.join(folder, f"sub-{i:04d}", "anat")
+        os.makedirs(d)
+        tmp = os.path.join(d, ".tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+        os.replace(tmp, os.path.join(d, f"sub-{i:04d}.npz"))
+    return (time.perf_counter() - t0) / count
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of ``path`` from /proc/mounts (the longest matching mount point)."""
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _dev, mount, fstype, options = line.split()[:4]
+            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, f"{fstype}, {options}"
+    except OSError:
+        pass
+    return kind
+
+
+def storage_table(work: Path, count: int, payload_bytes: int, repeat: int, settle: float) -> str:
+    """What the file system alone allows: niconv's file operations with no conversion.
+
+    Per file, as ``niconv run`` does for a mirrored output: two new folders, a
+    temporary file created and written, renamed into place. In 1 and 2 processes
+    (started before timing), each writing its own share of ``count`` files.
+    """
+    rows = ["| processes | ms per file (each process) | files/s | x 1 process |", "|---:|---:|---:|---:|"]
+    base = None
+    for procs in (1, 2):
+        results = []
+        for _ in range(max(1, repeat)):
+            folder = work / f"storage_{procs}"
+            shutil.rmtree(folder, ignore_errors=True)
+            os.sync()
+            time.sleep(settle)
+            share = count // procs
+            with ProcessPoolExecutor(procs) as pool:
+                list(pool.map(time.sleep, [0.0] * procs))  # processes up before timing
+                t0 = time.perf_counter()
+                per_file = list(pool.map(_storage_chunk, [(str(folder), k * share, share, payload_bytes)
+                                                          for k in range(procs)]))
+                results.append((time.perf_counter() - t0, per_file))
+            shutil.rmtree(folder, ignore_errors=True)
+        seconds, per_file = sorted(results)[(len(results) - 1) // 2]
+        fps = count / seconds
+        base = base or fps
+        rows.append(f"| {procs} | {', '.join(f'{x * 1e3:.3f}' for x in per_file)} | {fps:.0f} | {fps / base:.2f} |")
+    return "\n".join(rows)
 
 
 def level_table(data_dir: Path, work: Path) -> str:
@@ -455,6 +521,9 @@ def main(argv=None) -> int:
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds to let the file system settle after deleting a method's old outputs")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--storage", action="store_true",
+                        help="only measure the file system under --workdir: niconv's per-file operations "
+                             "(new folders, create, write, rename) in 1 and 2 processes, no conversion")
     parser.add_argument("--levels", action="store_true",
                         help="only compare deflate levels' output size and speed with np.savez_compressed")
     # internal: one measured loop in a fresh process
@@ -478,6 +547,13 @@ def main(argv=None) -> int:
     jobs = [int(j) for j in args.jobs.split(",")]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="niconv-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.storage:
+        print(f"file operations alone in {work} (file system {_fs_type(work)}): {args.count or 1000} files "
+              f"of 45 kB, each in 2 new folders, written to a temporary name and renamed\n")
+        print(storage_table(work, args.count or 1000, 45_000, args.repeat, args.settle))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     if args.levels:
         print("output size / np.savez_compressed's (speed), one thread\n")
         print(level_table(args.data, work))
