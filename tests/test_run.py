@@ -235,3 +235,23 @@ def test_batches_cover_every_task_once_and_shrink_to_single_tasks():
     assert {len(b) for b in batches(cohort_of(80, 10_000_000), 2)} == {1}
     assert max(len(b) for b in batches(cohort_of(400, 1_000_000), 2)) == BATCH_INPUT_BYTES // 1_000_000
     assert batches([], 2) == [] and [len(b) for b in batches(cohort_of(3, 10), 4)] == [1, 1, 1]
+
+
+def test_a_run_with_nothing_to_do_does_not_wait_for_workers(cohort, tmp_path):
+    from niconv.config import load_config
+    from niconv.runner import run
+    from niconv.scan import build_manifest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(cohort / "dipy_aniso_vox.nii.gz", raw / "a.nii.gz")
+    config = load_config(write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n"))
+    tasks = build_manifest(config)
+    assert run(config, tasks, jobs=1, progress=False).converted == 1
+
+    class Starting:
+        def ready(self):
+            raise AssertionError("waited for workers with nothing to convert")
+
+    again = run(config, tasks, jobs=2, progress=False, workers=Starting())
+    assert (again.converted, again.already_done, again.conversion_seconds) == (0, 1, 0.0)

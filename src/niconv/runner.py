@@ -334,7 +334,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         with CsvLog(log_path) as log:
             try:
                 groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
-                if workers is not None:
+                if workers is not None and any(width > 1 for width, _ in groups):
                     workers.ready()
                 with _backend(config, backend, scheduler):
                     synced = dispatched = last = time.monotonic()
