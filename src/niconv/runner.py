@@ -148,15 +148,18 @@ def memory_budget(config: Config) -> int:
 
 
 def estimate_memory(task: Task) -> int:
-    """Peak bytes of one task: the input's uncompressed size x the converter's factor.
+    """Peak bytes of one task: the input's uncompressed size x the converter's factor,
+    plus what the converter's arrays outgrow the input by (``memory_extra``).
 
-    Read without parsing the image, so a cohort of thousands of files is planned
-    in milliseconds: a gzip file's size trailer (ISIZE), else the file's size
-    (plus a companion data file, in ``bytes_in``). A header-only NIfTI's data
-    offset is a few hundred bytes, which the factor covers.
+    The size is read without parsing the image, so a cohort of thousands of files
+    is planned in milliseconds: a gzip file's size trailer (ISIZE), else the
+    file's size (plus a companion data file, in ``bytes_in``). A header-only
+    NIfTI's data offset is a few hundred bytes, which the factor covers. Only a
+    converter that can grow its arrays (``preprocess`` upsampling or padding)
+    reads the header.
     """
     conv = converters.get(task.converter)
-    return int(_uncompressed_bytes(task) * conv.memory_factor)
+    return int(_uncompressed_bytes(task) * conv.memory_factor) + int(conv.memory_extra(task.input_path, task.options))
 
 
 def _uncompressed_bytes(task: Task) -> int:

@@ -77,6 +77,10 @@ class Converter:
     memory_factor : float
         Peak memory of one task as a multiple of the input array's size in
         bytes, used by the runner's memory budget.
+    memory_extra : callable
+        ``memory_extra(input_path, options) -> int``: bytes a task needs beyond
+        ``memory_factor`` x the input, for converters whose arrays can outgrow
+        the input (upsampling, padding); read from the header. Default 0.
     inputs : str
         ``"image"`` (anything nibabel reads) or ``"array"`` (``.npy``/``.npz``):
         the default include patterns of a scan.
@@ -88,6 +92,7 @@ class Converter:
     convert: Callable[[Any, Any], Conversion]
     pairs: Callable[[Any], dict] = lambda options: {}
     memory_factor: float = 2.0
+    memory_extra: Callable[[str, Any], int] = lambda input_path, options: 0
     inputs: str = "image"
 
 

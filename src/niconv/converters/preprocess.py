@@ -734,11 +734,56 @@ def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent
         write_nifti_gz(img, tmp)  # .nii.gz deterministic (gzip mtime 0); .nii uncompressed
 
 
+def memory_extra(input_path: str, options: Options) -> int:
+    """Bytes beyond ``memory_factor`` x the input when the steps grow the grid.
+
+    Upsampling (``resample``) and padding (``crop_pad``) make arrays larger than
+    the input: two float32 arrays of the largest grid along the steps (the
+    resampled output and the next step's copy), less the input grid already
+    counted, for every channel. The voxel count after ``resample`` to a spacing
+    keeps the field of view: input voxels x input voxel volume / target voxel
+    volume (mm^3), whatever a ``reorient`` before it does to the axes. Reads the
+    header only, and only when a step changes the grid.
+
+    Returns
+    -------
+    int
+        Bytes; 0 when no step grows the grid, or the header cannot be read (the
+        task itself reports that file).
+    """
+    grid_steps = [st for st in options.steps if isinstance(st, (ResampleStep, CropPadStep))]
+    if not grid_steps:
+        return 0
+    try:
+        header = nib.load(input_path).header
+        shape = tuple(int(n) for n in header.get_data_shape())
+        zooms = tuple(float(z) for z in header.get_zooms())
+    except Exception:  # noqa: BLE001 - an unreadable file fails in its own task, with its own message
+        return 0
+    spatial = math.prod(shape[:3]) if len(shape) >= 3 else math.prod(shape)
+    channels = math.prod(shape[3:]) if len(shape) > 3 else 1
+    voxel_volume = math.prod(abs(z) for z in zooms[:3]) if len(zooms) >= 3 else 1.0
+    voxels = largest = spatial
+    for st in grid_steps:
+        if isinstance(st, CropPadStep):
+            voxels = math.prod(st.crop_pad.shape)
+        elif st.resample.shape is not None:
+            new = math.prod(st.resample.shape)
+            voxel_volume = voxel_volume * voxels / new  # same field of view
+            voxels = new
+        else:
+            new_volume = math.prod(st.resample.spacing)
+            voxels = int(math.ceil(voxels * voxel_volume / new_volume))
+            voxel_volume = new_volume
+        largest = max(largest, voxels)
+    return max(0, largest - spatial) * channels * 4 * 2
+
+
 # Peak memory of one task in multiples of the input's stored bytes, measured with
 # benchmarks/bench_preprocess.py (see benchmarks/README_preprocess.md): the input,
 # its float32 working copy and the float32 output. An int16 CT resampled to 1 mm
-# needs 3-5x, a uint8 volume 8-9x (float32 is 4 of those); upsampling grows the
-# output term by the voxel-count ratio.
+# needs 3-5x, a uint8 volume 8-9x (float32 is 4 of those); upsampling and padding
+# add memory_extra.
 CONVERTER = Converter(
     name="preprocess",
     options=Options,
@@ -746,5 +791,6 @@ CONVERTER = Converter(
     convert=convert,
     pairs=pairs,
     memory_factor=9.0,
+    memory_extra=memory_extra,
     inputs="image",
 )
