@@ -7,21 +7,12 @@ Each ``.npz`` holds ``data`` (float32, ``(C, X, Y, Z)`` with the default
     python examples/load_pytorch.py converted/preprocess
 """
 import sys
-import zipfile
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
-def data_shape(path):
-    """Shape of ``data`` in an ``.npz``, read from its ``.npy`` header (no voxels loaded)."""
-    with zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        return read(f)[0]
+from npz_cohort import batchable  # beside this file
 
 
 class PreprocessedVolumes(Dataset):
@@ -29,19 +20,12 @@ class PreprocessedVolumes(Dataset):
 
     ``image`` is float32 ``(C, X, Y, Z)``; ``label`` int64 ``(X, Y, Z)``, the
     target shape ``torch.nn.CrossEntropyLoss`` expects, or ``-1`` when no label
-    map was paired. A fixed ``crop_pad`` shape gives every volume the same
-    spatial shape, but the channel count C follows the input (a 4D series has
-    one channel per volume): items of another shape cannot share a batch, so
-    they are left out, with a note.
+    map was paired. Volumes of another shape (more channels: a 4D input) are
+    left out with a note, since they cannot share a batch.
     """
 
     def __init__(self, root):
-        shapes = {path: data_shape(path) for path in sorted(Path(root).rglob("*.npz"))}
-        self.shape = Counter(shapes.values()).most_common(1)[0][0] if shapes else None
-        self.files = [path for path, shape in shapes.items() if shape == self.shape]
-        for path, shape in shapes.items():
-            if shape != self.shape:
-                print(f"left out {path}: data shape {shape}, the others {self.shape}", file=sys.stderr)
+        self.files, self.shape = batchable(root)
 
     def __len__(self):
         return len(self.files)
