@@ -344,7 +344,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                     for width, group in groups:
                         for result in _dispatch(group, width):
                             last = time.monotonic()
-                            if time.monotonic() - synced > SYNC_SECONDS:
+                            if last - synced > SYNC_SECONDS:
                                 os.sync()  # outputs to disk in batches, not one fsync per file
                                 synced = time.monotonic()
                             log.append(result)
