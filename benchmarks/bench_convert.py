@@ -11,6 +11,10 @@ Measured, each in a fresh process so peak memory is its own:
                start-up, imports, the scan and worker start-up
   (d) floor    the bare codec: libdeflate one-shot inflate of each file + ISA-L deflate
                of the same voxel bytes to disk, no container and no Python work between
+  (e) split    the machine's own scaling: niconv's per-file function (``convert_one``)
+               over the same tasks, split into equal contiguous shares between N plain
+               processes started before timing (no runner, no log, no dispatch), and a
+               pure-Python arithmetic loop split the same way (no I/O at all)
   read         reading alone: ``np.asanyarray(nib.load(f).dataobj)`` vs
                ``niconv.codec.read_nifti(f)``
 
@@ -18,7 +22,8 @@ For each: files/s, voxel MB/s (uncompressed array bytes per second), peak RSS of
 the busiest process, total output size, and ratios to (a) and (b). ``--repeat N``
 runs every method N times, interleaved, and reports the median; before each run
 the method's old outputs are deleted and the file system is given ``--settle``
-seconds, so the deletion's journal work is not charged to the next method.
+seconds, so the deletion's journal work is not charged to the next method; each
+repeat starts one method later in the order, so none always follows the same one.
 
 The cohort is generated from the real MNI152 T1 template in the project's test
 data (resampled to the target shape with cubic splines, Rician noise at a
@@ -69,7 +74,7 @@ MODES = {
     "mri": {"count": 80, "shape": (256, 256, 130)},
     "small": {"count": 1000, "shape": (32, 32, 32)},
 }
-METHODS = ("seed", "careful", "niconv", "floor", "read")
+METHODS = ("seed", "careful", "niconv", "floor", "split", "read")
 READERS = ("read-nibabel", "read-codec")
 SNR = 30.0
 GENERATOR_VERSION = 1  # bump when the generated cohort changes, so cached cohorts are rebuilt
@@ -330,10 +335,8 @@ def loop_floor(files, out: Path, level: int, procs: int = 1) -> list[float]:
         return list(pool.map(_floor_chunk, [items[k::procs] for k in range(procs)]))
 
 
-def run_niconv(files_root: Path, out: Path, jobs: int) -> dict:
-    """``niconv run`` in a subprocess, sampling every process's RSS in its tree."""
-    import psutil
-
+def write_config(files_root: Path, out: Path, jobs: int) -> Path:
+    """The ``niconv run`` config of the benchmark: every ``*.nii.gz`` to a compressed ``.npz``."""
     config = out.parent / f"{out.name}.yaml"
     config.write_text(
         "input:\n"
@@ -346,6 +349,80 @@ def run_niconv(files_root: Path, out: Path, jobs: int) -> dict:
         "  to: numpy\n"
         "  compressed: true\n"
     )
+    return config
+
+
+CPU_LOOP = 20_000_000  # iterations of the arithmetic loop: about half a second in one process
+
+
+def _convert_share(tasks) -> float:
+    from niconv.worker import convert_one
+
+    t0 = time.perf_counter()
+    for t in tasks:
+        if convert_one(t).status != "ok":
+            raise RuntimeError(f"split: {t.input_path} did not convert")
+    return time.perf_counter() - t0
+
+
+def _cpu_share(n: int) -> float:
+    t0, total = time.perf_counter(), 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - t0
+
+
+def loop_split(files_root: Path, out: Path, procs: int) -> dict:
+    """(e): ``convert_one`` over equal contiguous shares of the manifest in ``procs`` plain
+    processes, and the arithmetic loop split the same way; one process runs in-process."""
+    import multiprocessing
+
+    from niconv.config import load_config
+    from niconv.scan import build_manifest
+
+    tasks = build_manifest(load_config(write_config(files_root, out, procs)))
+    if procs == 1:
+        return {"seconds": _convert_share(tasks), "cpu_seconds": _cpu_share(CPU_LOOP), "peak_rss_mb": _peak_mb()}
+    share = -(-len(tasks) // procs)
+    # fork: the processes inherit the imported modules, so timing starts with them ready
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+        list(pool.map(_cpu_share, [1000] * procs))
+        t0 = time.perf_counter()
+        list(pool.map(_convert_share, [tasks[k * share:(k + 1) * share] for k in range(procs)]))
+        seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        list(pool.map(_cpu_share, [CPU_LOOP // procs] * procs))
+        cpu_seconds = time.perf_counter() - t0
+        peaks = list(pool.map(_peak_mb, ["self"] * procs))
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": max(peaks)}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid``: Linux's ``/proc/<pid>/task/<tid>/children`` (a few reads,
+    where psutil scans every process of the machine), else psutil."""
+    if not Path(f"/proc/{pid}/task").is_dir():
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(x) for x in task.read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def run_niconv(files_root: Path, out: Path, jobs: int) -> dict:
+    """``niconv run`` in a subprocess, sampling every process's RSS in its tree."""
+    config = write_config(files_root, out, jobs)
     peaks: dict[int, float] = {}
     done = threading.Event()
     t0 = time.perf_counter()
@@ -353,20 +430,15 @@ def run_niconv(files_root: Path, out: Path, jobs: int) -> dict:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def sample():
-        try:
-            root = psutil.Process(proc.pid)
-        except psutil.Error:
-            return
+        # light on purpose: the sampler shares the CPUs with the run it measures. VmHWM is a
+        # high-water mark, so reading it every 0.1 s still catches every process's peak
         while not done.is_set():
-            try:
-                for p in [root] + root.children(recursive=True):
-                    try:
-                        peaks[p.pid] = max(peaks.get(p.pid, 0.0), _peak_mb(p.pid))
-                    except (psutil.Error, OSError):
-                        pass
-            except psutil.Error:
-                pass
-            done.wait(0.02)
+            for pid in [proc.pid] + _descendants(proc.pid):
+                try:
+                    peaks[pid] = max(peaks.get(pid, 0.0), _peak_mb(pid))
+                except Exception:  # noqa: BLE001 - the process has just exited
+                    pass
+            done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -388,6 +460,8 @@ def _loop_main(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args._loop == "niconv":
         result = run_niconv(Path(args.root), out, args.procs)
+    elif args._loop == "split":
+        result = loop_split(Path(args.root), out, args.procs)
     else:
         t0 = time.perf_counter()
         if args._loop == "floor":
@@ -447,6 +521,7 @@ LABELS = {
     "careful": "(b) careful: asanyarray(dataobj) + savez_compressed",
     "niconv": "(c) niconv run",
     "floor": "(d) codec floor: libdeflate inflate + ISA-L deflate",
+    "split": "(e) split: convert_one in plain processes, no runner",
     "read-nibabel": "np.asanyarray(nib.load(f).dataobj)",
     "read-codec": "niconv.codec.read_nifti(f)",
 }
@@ -498,12 +573,46 @@ def median_run(runs: list[dict]) -> dict:
     """The run with the median time (the lower middle one for an even count), with every time kept."""
     ordered = sorted(runs, key=lambda r: r["seconds"])
     chosen = dict(ordered[(len(ordered) - 1) // 2])
-    chosen.update(repeats=len(runs), all_seconds=[round(r["seconds"], 3) for r in runs])
-    if "conversion_seconds" in chosen:
-        # the conversion phase's own median, not the whole run's
-        phases = sorted(r["conversion_seconds"] for r in runs)
-        chosen["conversion_seconds"] = phases[(len(phases) - 1) // 2]
+    chosen.update(repeats=len(runs))
+    for key in ("seconds", "conversion_seconds", "cpu_seconds"):
+        if key in chosen:
+            # every time kept in run order (to pair runs), and each measure's own median
+            times = [r[key] for r in runs]
+            chosen[f"all_{key}"] = [round(t, 4) for t in times]
+            if key != "seconds":
+                chosen[key] = sorted(times)[(len(times) - 1) // 2]
     return chosen
+
+
+SCALING = (("niconv", "conversion_seconds", "niconv run, conversion phase"),
+           ("niconv", "seconds", "niconv run, whole process"),
+           ("split", "seconds", "(e) convert_one split between plain processes"),
+           ("split", "cpu_seconds", "(e) pure-Python arithmetic loop split the same way"),
+           ("floor", "seconds", "(d) codec floor"))
+
+
+def scaling_report(results: list[dict]) -> str:
+    """Gain of N processes over 1, per method: the ratio of the medians, and the range
+    of the ratios of runs paired in order (the i-th run at 1 process with the i-th at N)."""
+    by = {(r["kind"], r["procs"]): r for r in results}
+    counts = sorted({r["procs"] for r in results if r["procs"] > 1})
+    lines = ["| measure | " + " | ".join(f"x 1 process at {n} (paired runs)" for n in counts) + " |",
+             "|---|" + "---:|" * len(counts)]
+    for kind, key, label in SCALING:
+        one = by.get((kind, 1))
+        if not one or key not in one:
+            continue
+        cells = []
+        for n in counts:
+            many = by.get((kind, n))
+            if not many:
+                cells.append("")
+                continue
+            pairs = [a / b for a, b in zip(one.get(f"all_{key}", [one[key]]), many.get(f"all_{key}", [many[key]]))]
+            spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
+            cells.append(f"{one[key] / many[key]:.2f}{spread}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -591,10 +700,11 @@ def main(argv=None) -> int:
             plan += [(r, 1) for r in READERS]
         else:
             plan += [(m, 1)] if m in ("seed", "careful") else [(m, j) for j in jobs]
-    # repeats interleave the methods, so a slow spell of the machine does not fall on one method only
+    # repeats interleave the methods, each repeat starting one method later, so neither a slow
+    # spell of the machine nor the file system's work after the method before falls on one method only
     runs: dict[tuple[str, int], list[dict]] = {key: [] for key in plan}
-    for _ in range(max(1, args.repeat)):
-        for kind, procs in plan:
+    for i in range(max(1, args.repeat)):
+        for kind, procs in plan[i % len(plan):] + plan[:i % len(plan)]:
             print(f"bench: {kind} x{procs} ...", file=sys.stderr, flush=True)
             r = measure(kind, procs, files, root, work, level, args.settle)
             print(f"bench:   {len(files) / r['seconds']:.2f} files/s, {r['seconds']:.1f} s", file=sys.stderr, flush=True)
@@ -604,6 +714,9 @@ def main(argv=None) -> int:
     print(f"\n{len(files)} files ({label}); {vox / 1e6:.0f} MB of voxels, {comp / 1e6:.0f} MB of .nii.gz")
     print(env + f", at end {os.getloadavg()[0]:.1f}\n")
     print(report(results, len(files), vox))
+    if any(r["procs"] > 1 for r in results):
+        print("\nGain of more processes over one (ratio of median times; range over paired runs):\n")
+        print(scaling_report(results))
     niconv_runs = [r for r in results if r["kind"] == "niconv"]
     if len(niconv_runs) > 1:
         same = len({r["digest"] for r in niconv_runs}) == 1
