@@ -174,7 +174,7 @@ def test_plan_lists_tasks_and_converts_nothing(cohort, tmp_path):
 
 
 def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
-    """`start_workers` starts the pool during the scan; the run dispatches to those processes."""
+    """A pool started by `start_workers` is the one a run dispatches to: no new processes."""
     from joblib import delayed
 
     from niconv.config import load_config
@@ -191,7 +191,7 @@ def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
     tasks = build_manifest(config)
     started = workers.ready()
     assert len(started) == 2
-    summary = run(config, tasks, jobs=2, progress=False, workers=workers)
+    summary = run(config, tasks, jobs=2, progress=False)
     assert (summary.converted, summary.failed) == (3, 0)
     # the pool that converted is the one started before the scan: no new processes
     pids = set()
@@ -237,9 +237,9 @@ def test_batches_cover_every_task_once_and_shrink_to_single_tasks():
     assert batches([], 2) == [] and [len(b) for b in batches(cohort_of(3, 10), 4)] == [1, 1, 1]
 
 
-def test_a_run_with_nothing_to_do_does_not_wait_for_workers(cohort, tmp_path):
+def test_a_run_with_nothing_to_do_starts_no_workers(cohort, tmp_path, monkeypatch):
+    from niconv import runner
     from niconv.config import load_config
-    from niconv.runner import run
     from niconv.scan import build_manifest
 
     raw = tmp_path / "raw"
@@ -247,11 +247,28 @@ def test_a_run_with_nothing_to_do_does_not_wait_for_workers(cohort, tmp_path):
     shutil.copy(cohort / "dipy_aniso_vox.nii.gz", raw / "a.nii.gz")
     config = load_config(write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n"))
     tasks = build_manifest(config)
-    assert run(config, tasks, jobs=1, progress=False).converted == 1
+    assert runner.run(config, tasks, jobs=1, progress=False).converted == 1
 
-    class Starting:
-        def ready(self):
-            raise AssertionError("waited for workers with nothing to convert")
+    def no_workers(*args, **kwargs):
+        raise AssertionError("started workers with nothing to convert")
 
-    again = run(config, tasks, jobs=2, progress=False, workers=Starting())
+    monkeypatch.setattr(runner, "start_workers", no_workers)
+    again = runner.run(config, tasks, jobs=2, progress=False)
     assert (again.converted, again.already_done, again.conversion_seconds) == (0, 1, 0.0)
+
+
+def test_parallel_runs_and_reruns_print_nothing_but_the_summary(cohort, tmp_path):
+    """A process that exits while loky is still starting its pool leaves workers that print
+    tracebacks and resource warnings; neither a run nor a rerun with nothing to do may."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("nib_example4d.nii.gz", "dipy_aniso_vox.nii.gz", "nib_example_nifti2.nii.gz"):
+        shutil.copy(cohort / name, raw / name)
+    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\njobs: 2\nconvert: {to: numpy}\n")
+    first = niconv("run", cfg, "--quiet")
+    assert (first.returncode, first.stderr) == (0, "")
+    assert first.stdout.startswith("niconv: 3 converted, 0 already done")
+    for _ in range(4):
+        again = niconv("run", cfg, "--quiet")
+        assert (again.returncode, again.stderr) == (0, "")
+        assert again.stdout.startswith("niconv: 0 converted, 3 already done")

@@ -95,15 +95,13 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from .runner import run, start_workers
+    from .runner import run
     from .scan import build_manifest
 
     config = _load(args)
-    workers = start_workers(args.jobs or config.n_jobs, args.backend or config.backend)
     tasks = build_manifest(config)
     s = run(config, tasks, jobs=args.jobs, force=args.force, retry_failed=args.retry_failed,
-            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet,
-            workers=workers)
+            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet)
     parts = [f"{s.converted} converted", f"{s.already_done} already done", f"{s.skipped} skipped",
              f"{s.failed} failed"]
     if s.failed_before:

@@ -268,10 +268,26 @@ def _ping() -> int:
 def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
     """Start ``jobs`` local worker processes in the background, so their start-up
     (a fresh interpreter importing numpy, nibabel and niconv: about half a second)
-    overlaps the scan and the plan. None when the run needs no local processes."""
+    overlaps the run's own preparation. None when the run needs no local processes.
+
+    Whoever starts them waits for :meth:`Workers.ready` before the process exits:
+    an interpreter that exits while loky is still starting its pool leaves workers
+    that print tracebacks and warnings."""
     if backend != "loky" or jobs <= 1:
         return None
     return Workers(jobs)
+
+
+@contextlib.contextmanager
+def _local_pool(groups: list[tuple[int, list[Task]]], jobs: int, backend: str):
+    """Local workers for the groups that run side by side (else None), starting in the
+    background from here on; however the block ends, the pool has finished starting."""
+    workers = start_workers(jobs, backend) if any(width > 1 for width, _ in groups) else None
+    try:
+        yield workers
+    finally:
+        if workers is not None:
+            workers.ready()
 
 
 @contextlib.contextmanager
@@ -292,7 +308,7 @@ def _sigterm_as_interrupt():
 
 def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, force: bool = False,
         retry_failed: bool = False, shard: tuple[int, int] | None = None, backend: str | None = None,
-        scheduler: str | None = None, progress: bool = True, workers: Workers | None = None) -> RunSummary:
+        scheduler: str | None = None, progress: bool = True) -> RunSummary:
     """Convert the pending tasks of a manifest and log every result.
 
     Parameters
@@ -308,9 +324,10 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     shard : (int, int), optional
         Run only shard ``I`` of ``N`` (balanced by input bytes); logs to its own file.
     backend, scheduler : str, optional
-        ``loky`` (default) or ``dask``; a Dask scheduler address.
-    workers : Workers, optional
-        Processes already starting (:func:`start_workers`); waited for before dispatch.
+        ``loky`` (default) or ``dask``; a Dask scheduler address. Local worker
+        processes start only when some pending tasks may run side by side, while
+        old temporary files are removed and the log is opened; dispatch waits
+        until every worker has started, so the conversion phase is timed alone.
 
     Returns
     -------
@@ -330,35 +347,36 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     interrupted = False
     with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
-        remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
         todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
-        bar = _progress(len(todo.pending), progress)
+        groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
-        with CsvLog(log_path) as log:
-            try:
-                groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
-                if workers is not None and any(width > 1 for width, _ in groups):
-                    workers.ready()
-                with _backend(config, backend, scheduler):
-                    synced = dispatched = last = time.monotonic()
-                    for width, group in groups:
-                        for result in _dispatch(group, width):
-                            last = time.monotonic()
-                            if last - synced > SYNC_SECONDS:
-                                os.sync()  # outputs to disk in batches, not one fsync per file
-                                synced = time.monotonic()
-                            log.append(result)
-                            counts[result.status] += 1
-                            bar.update(1)
-                            if counts["failed"]:
-                                bar.set_postfix(failed=counts["failed"], refresh=False)
-            except KeyboardInterrupt:
-                interrupted = True
-                # a worker stopped mid-write may not have removed its temporary file
-                remove_stale_temps(config.output.root)
-            finally:
-                bar.close()
-                os.sync()
+        with _local_pool(groups, jobs, backend) as workers:
+            remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
+            bar = _progress(len(todo.pending), progress)
+            with CsvLog(log_path) as log:
+                try:
+                    if workers is not None:
+                        workers.ready()
+                    with _backend(config, backend, scheduler):
+                        synced = dispatched = last = time.monotonic()
+                        for width, group in groups:
+                            for result in _dispatch(group, width):
+                                last = time.monotonic()
+                                if last - synced > SYNC_SECONDS:
+                                    os.sync()  # outputs to disk in batches, not one fsync per file
+                                    synced = time.monotonic()
+                                log.append(result)
+                                counts[result.status] += 1
+                                bar.update(1)
+                                if counts["failed"]:
+                                    bar.set_postfix(failed=counts["failed"], refresh=False)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    # a worker stopped mid-write may not have removed its temporary file
+                    remove_stale_temps(config.output.root)
+                finally:
+                    bar.close()
+                    os.sync()
         summary = RunSummary(
             total=len(todo.pending) + len(todo.done) + len(todo.failed_before),
             converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],
