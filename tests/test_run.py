@@ -178,7 +178,8 @@ def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
     from joblib import delayed
 
     from niconv.config import load_config
-    from niconv.runner import _ping, _processes, run, start_workers
+    from niconv.runner import _processes, run, start_workers
+    from niconv.worker import pid_after_start
     from niconv.scan import build_manifest
 
     raw = tmp_path / "raw"
@@ -196,7 +197,7 @@ def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
     # the pool that converted is the one started before the scan: no new processes
     pids = set()
     for _ in range(20):
-        pids |= set(_processes(2)(delayed(_ping)() for _ in range(2)))
+        pids |= set(_processes(2)(delayed(pid_after_start)() for _ in range(2)))
     assert pids == started
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, converters
+from . import __version__, converters, worker
 from .config import Config
 from .lock import run_lock
 from .log import CsvLog, latest_by_task, read_rows, write_run_record
@@ -208,11 +208,6 @@ def _backend(config: Config, backend: str, scheduler: str | None):
         yield
 
 
-def _import_worker() -> None:
-    """Worker process initializer: import what converting needs before the first task arrives."""
-    from . import worker  # noqa: F401
-
-
 def _processes(width: int, **kwargs):
     """The joblib dispatcher of a run. Local runs use loky processes that import the worker
     modules as they start (the same arguments every time, so joblib reuses a started pool)."""
@@ -221,7 +216,7 @@ def _processes(width: int, **kwargs):
 
     backend, _ = get_active_backend()
     if type(backend).__name__ == "LokyBackend":
-        kwargs["initializer"] = _import_worker
+        kwargs["initializer"] = worker.started
     return Parallel(n_jobs=width, **kwargs)
 
 
@@ -244,7 +239,7 @@ class Workers:
         deadline = time.monotonic() + WORKER_START_SECONDS
         try:
             while len(self.pids) < self.width and time.monotonic() < deadline:
-                self.pids.update(_processes(self.width)(delayed(_ping)() for _ in range(self.width)))
+                self.pids.update(_processes(self.width)(delayed(worker.pid_after_start)() for _ in range(self.width)))
         except Exception:  # noqa: BLE001 - only a head start; the run starts workers itself
             pass
 
@@ -258,11 +253,6 @@ class Workers:
         """
         self._thread.join()
         return set(self.pids)
-
-
-def _ping() -> int:
-    time.sleep(0.01)
-    return os.getpid()
 
 
 def start_workers(jobs: int, backend: str = "loky") -> Workers | None:

@@ -54,6 +54,20 @@ def convert_one(task: Task) -> TaskResult:
         return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
 
 
+def started() -> None:
+    """Worker process initializer. Unpickling it imports this module, and with it what
+    converting needs (numpy, nibabel, the default converters), as the process starts;
+    it lives here and not in the runner so that a worker does not also import the
+    config schema, the scan and the cluster code."""
+
+
+def pid_after_start() -> int:
+    """A started worker's process id, after a moment, so that one worker cannot answer
+    every ping of :class:`niconv.runner.Workers` while another is still starting."""
+    time.sleep(0.01)
+    return os.getpid()
+
+
 def convert_batch(tasks: list[Task]) -> list[TaskResult]:
     """:func:`convert_one` over a batch of tasks, in order: one round trip to a worker."""
     return [convert_one(t) for t in tasks]
