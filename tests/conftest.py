@@ -68,6 +68,39 @@ def sha256(path: Path) -> str:
 RUN_FILES = {"niconv_log.csv", "niconv_log.run.json", ".niconv.lock"}
 
 
+def tree_listing(root: Path) -> dict[str, str]:
+    """Every entry under ``root``, symlinks not followed: files by sha256, links by target, folders as such."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            key = str(p.relative_to(root))
+            found[key] = ("link:" + os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else sha256(p)
+    return found
+
+
+@pytest.fixture
+def frozen_inputs():
+    """Watch input trees that a test must leave untouched.
+
+    Call it with a folder (after filling it); when the test ends, the folder's
+    listing (files by sha256, links by target, folders) must be exactly what it
+    was when it was watched.
+    """
+    watched: list[tuple[Path, dict[str, str]]] = []
+
+    def watch(folder: Path) -> Path:
+        watched.append((Path(folder), tree_listing(Path(folder))))
+        return Path(folder)
+
+    yield watch
+    for folder, before in watched:
+        after = tree_listing(folder)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        assert not changed, f"the input tree {folder} changed: {changed}"
+
+
+
 def outputs(root: Path) -> dict[str, str]:
     """sha256 of every converted file under ``root``, by relative path (log, record and lock left out)."""
     return {str(p.relative_to(root)): sha256(p) for p in sorted(Path(root).rglob("*"))

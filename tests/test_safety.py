@@ -19,17 +19,8 @@ from niconv.errors import LockError, OutputError
 from niconv.lock import run_lock
 from niconv.paths import inside
 from niconv.writers import TEMP_PREFIX, atomic_output, remove_stale_temps
-from conftest import niconv, outputs, rows_of, sha256, write_config
+from conftest import niconv, outputs, rows_of, sha256, tree_listing as tree, write_config
 
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every entry under ``root``: files by sha256, links by target, folders as such."""
-    found = {}
-    for p in sorted(root.rglob("*")):
-        key = str(p.relative_to(root))
-        found[key] = ("link:" + os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else sha256(p)
-    return found
 
 
 def config(folder: Path, root="in", out="out", jobs=1, name=None) -> Path:
