@@ -178,7 +178,8 @@ def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
     from joblib import delayed
 
     from niconv.config import load_config
-    from niconv.runner import _processes, run, start_workers
+    from niconv.dispatch import processes as _processes, start_workers
+    from niconv.runner import run
     from niconv.worker import pid_after_start
     from niconv.scan import build_manifest
 
@@ -221,7 +222,7 @@ def test_run_record_times_the_conversion_phase(cohort, tmp_path):
 
 def test_batches_cover_every_task_once_and_shrink_to_single_tasks():
     from niconv.manifest import Task
-    from niconv.runner import BATCH_INPUT_BYTES, BATCH_MAX_TASKS, batches
+    from niconv.dispatch import BATCH_INPUT_BYTES, BATCH_MAX_TASKS, batches
 
     def cohort_of(n, nbytes):
         return [Task(f"{i:04d}", "numpy", f"in/{i}.nii.gz", f"{i}.nii.gz", f"out/{i}.npz", None, (), nbytes)
@@ -239,7 +240,7 @@ def test_batches_cover_every_task_once_and_shrink_to_single_tasks():
 
 
 def test_a_run_with_nothing_to_do_starts_no_workers(cohort, tmp_path, monkeypatch):
-    from niconv import runner
+    from niconv import dispatch, runner
     from niconv.config import load_config
     from niconv.scan import build_manifest
 
@@ -253,7 +254,7 @@ def test_a_run_with_nothing_to_do_starts_no_workers(cohort, tmp_path, monkeypatc
     def no_workers(*args, **kwargs):
         raise AssertionError("started workers with nothing to convert")
 
-    monkeypatch.setattr(runner, "start_workers", no_workers)
+    monkeypatch.setattr(dispatch, "start_workers", no_workers)
     again = runner.run(config, tasks, jobs=2, progress=False)
     assert (again.converted, again.already_done, again.conversion_seconds) == (0, 1, 0.0)
 

@@ -108,6 +108,12 @@ def cmd_run(args) -> int:
         parts.append(f"{s.failed_before} failed earlier (--retry-failed to redo)")
     rate = f" ({s.files_per_second:.1f} files/s converting)" if s.conversion_seconds else ""
     print(f"niconv: {', '.join(parts)} in {s.seconds:.1f} s{rate}; log: {s.log_path}")
+    if s.unlogged:
+        print(f"niconv: {s.unlogged} result(s) could not be written to the log ({s.unlogged_reason}); "
+              "the next run redoes those tasks", file=sys.stderr)
+    if s.error:
+        print(f"niconv: error: the run stopped early while {s.error}; fix that, then rerun the same "
+              "command to resume (with --retry-failed to redo the tasks that failed)", file=sys.stderr)
     if s.interrupted:
         print("niconv: interrupted; rerun the same command to resume", file=sys.stderr)
     return s.exit_code

@@ -19,8 +19,10 @@ from .log import TaskResult, fmt_shape, fmt_zooms
 from .manifest import Task
 
 
-def convert_one(task: Task) -> TaskResult:
+def convert_one(task: Task, scope=None) -> TaskResult:
     """Convert one task; never raises for a per-file problem.
+
+    ``scope`` (a :class:`niconv.writers.WriteScope`) says where the task may write.
 
     Returns
     -------
@@ -54,11 +56,30 @@ def convert_one(task: Task) -> TaskResult:
         return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
 
 
+# How often a worker checks that the process that started it is still alive (seconds).
+PARENT_CHECK_SECONDS = 0.25
+
+
 def started() -> None:
     """Worker process initializer. Unpickling it imports this module, and with it what
     converting needs (numpy, nibabel, the default converters), as the process starts;
     it lives here and not in the runner so that a worker does not also import the
-    config schema, the scan and the cluster code."""
+    config schema, the scan and the cluster code.
+
+    It also makes the worker end itself soon after the run that started it dies
+    (``kill -9``, the out-of-memory killer), so no orphan goes on converting and
+    racing the rerun. A watcher thread, not ``PR_SET_PDEATHSIG``: that signal follows
+    the parent *thread*, and loky starts workers from helper threads."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)  # the run is gone: nobody will read this worker's results
+
+    threading.Thread(target=watch, name="niconv-parent-watch", daemon=True).start()
 
 
 def pid_after_start() -> int:
@@ -68,9 +89,9 @@ def pid_after_start() -> int:
     return os.getpid()
 
 
-def convert_batch(tasks: list[Task]) -> list[TaskResult]:
+def convert_batch(tasks: list[Task], scope=None) -> list[TaskResult]:
     """:func:`convert_one` over a batch of tasks, in order: one round trip to a worker."""
-    return [convert_one(t) for t in tasks]
+    return [convert_one(t, scope) for t in tasks]
 
 
 def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
