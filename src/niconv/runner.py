@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__, converters, worker
 from .config import Config
 from .lock import run_lock
-from .log import CsvLog, latest_by_task, read_rows, write_run_record
+from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
 from .worker import convert_batch, convert_one
 from .writers import remove_stale_temps
@@ -49,7 +49,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """Counts of a finished (or interrupted) run."""
+    """Counts of a finished (or interrupted) run; ``log_damaged_lines``: lines of the log it skipped as damaged."""
 
     total: int
     converted: int
@@ -61,6 +61,7 @@ class RunSummary:
     log_path: str
     interrupted: bool = False
     conversion_seconds: float = 0.0
+    log_damaged_lines: int = 0
 
     @property
     def files_per_second(self) -> float:
@@ -337,7 +338,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     interrupted = False
     with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
-        todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
+        logged = read_log(log_path)
+        todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
         with _local_pool(groups, jobs, backend) as workers:
@@ -372,7 +374,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],
             already_done=len(todo.done), failed_before=len(todo.failed_before),
             seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=interrupted,
-            conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0)
+            conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0,
+            log_damaged_lines=logged.damaged_lines)
         write_run_record(run_record_path(log_path), _record(config, tasks, summary, started, jobs, backend, shard))
     return summary
 
@@ -458,4 +461,5 @@ def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: in
         "counts": {"converted": summary.converted, "skipped": summary.skipped, "failed": summary.failed,
                    "already_done": summary.already_done, "failed_before": summary.failed_before},
         "interrupted": summary.interrupted,
+        "log_damaged_lines": summary.log_damaged_lines,
     }
