@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__, converters, dispatch
 from .config import Config
 from .lock import run_lock
-from .log import CsvLog, latest_by_task, read_rows, write_run_record
+from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
 from .writers import remove_stale_temps
 
@@ -49,7 +49,8 @@ class RunSummary:
     ``error`` says what stopped the run early, if anything did (a full disk, a
     read-only folder); ``unlogged`` counts results that reached this process but
     could not be written to the log, and ``unlogged_reason`` says why (their
-    tasks are redone by the next run).
+    tasks are redone by the next run); ``log_damaged_lines`` counts the lines of
+    the log it skipped as damaged.
     """
 
     total: int
@@ -65,6 +66,7 @@ class RunSummary:
     error: str = ""
     unlogged: int = 0
     unlogged_reason: str = ""
+    log_damaged_lines: int = 0
 
     @property
     def files_per_second(self) -> float:
@@ -282,7 +284,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     state = _RunState()
     with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
-        todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
+        logged = read_log(log_path)
+        todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
         with _local_pool(groups, jobs, backend) as workers:
@@ -325,7 +328,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             already_done=len(todo.done), failed_before=len(todo.failed_before),
             seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=state.interrupted,
             conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0,
-            error=state.error, unlogged=state.unlogged, unlogged_reason=state.unlogged_reason)
+            error=state.error, unlogged=state.unlogged, unlogged_reason=state.unlogged_reason,
+            log_damaged_lines=logged.damaged_lines)
         record = _record(config, tasks, summary, started, jobs, backend, shard)
         if not state.attempt(lambda: write_run_record(run_record_path(log_path), record), "writing the run record"):
             summary = dataclasses.replace(summary, error=state.error)
@@ -420,4 +424,5 @@ def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: in
         "interrupted": summary.interrupted,
         "error": summary.error or None,
         "unlogged_results": summary.unlogged,
+        "log_damaged_lines": summary.log_damaged_lines,
     }

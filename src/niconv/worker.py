@@ -119,8 +119,9 @@ def digest_outputs(output_path: Path, outputs: tuple[str, ...]) -> tuple[int, st
     lines, total = [], 0
     for out in sorted(outputs):
         total += os.path.getsize(out)
-        lines.append(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n")
-    return total, hashlib.sha256("".join(lines).encode()).hexdigest()
+        # a name's own bytes (os.fsencode), also when they are not valid UTF-8
+        lines.append(os.fsencode(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n"))
+    return total, hashlib.sha256(b"".join(lines)).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
