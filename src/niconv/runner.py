@@ -22,11 +22,11 @@ import numpy as np
 
 from . import __version__, converters, worker
 from .config import Config
-from .lock import run_lock
+from .lock import LOCK_FILE, run_lock
 from .log import CsvLog, latest_by_task, read_rows, write_run_record
 from .manifest import Task, shard as shard_tasks
 from .worker import convert_batch, convert_one
-from .writers import remove_stale_temps
+from .writers import WriteScope, remove_stale_temps
 
 
 # How often the parent flushes finished outputs to disk (seconds).
@@ -326,22 +326,25 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     Raises
     ------
     LockError
-        If another live run holds this output tree (or shard).
+        If a live run holds this output tree: any other run, for a full run; a
+        full run or the same shard, for a shard run.
     """
     started = time.time()
     jobs = jobs or config.n_jobs
     backend = backend or config.backend
     scheduler = scheduler or config.scheduler
     log_path = shard_log_path(config.log_path, shard)
-    lock_name = ".niconv.lock" if shard is None else f".niconv.shard-{shard[0]}-of-{shard[1]}.lock"
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     interrupted = False
-    with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
+    with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
+        # workers write only under the real output root; temporary names carry the tree's token
+        scope = WriteScope(os.path.realpath(config.output.root), token)
+        input_roots = [os.path.realpath(r) for r in config.input.root]
         todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
         with _local_pool(groups, jobs, backend) as workers:
-            remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
+            remove_stale_temps(scope, input_roots)  # left by a killed run; live writers' files are kept
             bar = _progress(len(todo.pending), progress)
             with CsvLog(log_path) as log:
                 try:
@@ -350,7 +353,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                     with _backend(config, backend, scheduler):
                         synced = dispatched = last = time.monotonic()
                         for width, group in groups:
-                            for result in _dispatch(group, width):
+                            for result in _dispatch(group, width, scope):
                                 last = time.monotonic()
                                 if last - synced > SYNC_SECONDS:
                                     os.sync()  # outputs to disk in batches, not one fsync per file
@@ -363,7 +366,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                 except KeyboardInterrupt:
                     interrupted = True
                     # a worker stopped mid-write may not have removed its temporary file
-                    remove_stale_temps(config.output.root)
+                    remove_stale_temps(scope, input_roots)
                 finally:
                     bar.close()
                     os.sync()
@@ -399,17 +402,17 @@ def batches(tasks: list[Task], width: int) -> list[list[Task]]:
     return out
 
 
-def _dispatch(tasks: list[Task], width: int):
-    """Results of ``convert_one`` over ``tasks`` as they complete (any order)."""
+def _dispatch(tasks: list[Task], width: int, scope: WriteScope | None = None):
+    """Results of ``convert_one`` over ``tasks`` as they complete (any order), writing within ``scope``."""
     if width <= 1:
         # in-process: same worker function, no process pool
         for t in tasks:
-            yield convert_one(t)
+            yield convert_one(t, scope)
         return
     from joblib import delayed
 
     gen = _processes(width, return_as="generator_unordered", batch_size=1)(
-        delayed(convert_batch)(b) for b in batches(tasks, width))
+        delayed(convert_batch)(b, scope) for b in batches(tasks, width))
     try:
         for results in gen:
             yield from results
