@@ -23,10 +23,10 @@ import numpy as np
 
 from . import __version__, converters, dispatch
 from .config import Config
-from .lock import run_lock
+from .lock import LOCK_FILE, run_lock
 from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
-from .writers import remove_stale_temps
+from .writers import WriteScope, remove_stale_temps
 
 
 # How often the parent flushes finished outputs to disk (seconds).
@@ -273,17 +273,24 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     Raises
     ------
     LockError
-        If another live run holds this output tree (or shard).
+        If a live run holds this output tree: any other run, for a full run; a
+        full run or the same shard, for a shard run.
     """
     started = time.time()
     jobs = jobs or config.n_jobs
     backend = backend or config.backend
     scheduler = scheduler or config.scheduler
     log_path = shard_log_path(config.log_path, shard)
-    lock_name = ".niconv.lock" if shard is None else f".niconv.shard-{shard[0]}-of-{shard[1]}.lock"
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     state = _RunState()
-    with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
+    with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
+        # workers write only under the real output root; temporary names carry the tree's token
+        scope = WriteScope(os.path.realpath(config.output.root), token)
+        input_roots = [os.path.realpath(r) for r in config.input.root]
+
+        def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
+            remove_stale_temps(scope, input_roots)
+
         logged = read_log(log_path)
         todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
@@ -293,15 +300,15 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             log = None
             # from here on every failure ends in the summary and the run record, never a traceback
             try:
-                remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
+                remove_temps()
                 log = CsvLog(log_path)
                 if workers is not None:
                     workers.ready()
                 with _backend(config, backend, scheduler):
                     synced = dispatched = last = time.monotonic()
                     for width, group in groups:
-                        for result in dispatch.results(group, width, jobs, memory=estimate_memory,
-                                                       after_death=lambda: remove_stale_temps(config.output.root)):
+                        for result in dispatch.results(group, width, jobs, scope, memory=estimate_memory,
+                                                       after_death=remove_temps):
                             last = time.monotonic()
                             if last - synced > SYNC_SECONDS:
                                 os.sync()  # outputs to disk in batches, not one fsync per file
@@ -314,7 +321,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             except KeyboardInterrupt:
                 state.interrupted = True
                 # a worker stopped mid-write may not have removed its temporary file
-                state.attempt(lambda: remove_stale_temps(config.output.root), "removing temporary files")
+                state.attempt(remove_temps, "removing temporary files")
             except Exception as exc:  # noqa: BLE001 - the run ends with a summary and a record
                 state.fail(exc, "converting")
             finally:

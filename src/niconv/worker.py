@@ -17,20 +17,35 @@ from . import converters
 from .errors import NiconvError, SkippedInput
 from .log import TaskResult, fmt_shape, fmt_zooms
 from .manifest import Task
+from .writers import WriteScope, writing_into
 
 
-def convert_one(task: Task, scope=None) -> TaskResult:
+def convert_one(task: Task, scope: WriteScope | None = None) -> TaskResult:
     """Convert one task; never raises for a per-file problem.
 
-    ``scope`` (a :class:`niconv.writers.WriteScope`) says where the task may write.
+    Parameters
+    ----------
+    task : Task
+    scope : WriteScope, optional
+        Where the task may write (the real output root) and the tree's token for
+        temporary names; None: anywhere, without a token.
 
     Returns
     -------
     TaskResult
         ``ok`` with shapes, dtypes, sizes and the output's sha256; ``skipped`` for
         an input the converter does not handle; ``failed`` with the error type
-        and a message naming the file and the cause.
+        and a message naming the file and the cause. A task that is not ``ok``
+        leaves no output file: those it wrote before failing are removed.
     """
+    with writing_into(scope) as writes:
+        result = _convert(task)
+        if result.status != "ok":
+            writes.discard()  # only files this task renamed into place: niconv's own
+    return result
+
+
+def _convert(task: Task) -> TaskResult:
     start = time.perf_counter()
     base = dict(task_id=task.task_id, converter=task.converter, input_path=task.input_path,
                 output_path=task.output_path, bytes_in=task.bytes_in)
@@ -89,7 +104,7 @@ def pid_after_start() -> int:
     return os.getpid()
 
 
-def convert_batch(tasks: list[Task], scope=None) -> list[TaskResult]:
+def convert_batch(tasks: list[Task], scope: WriteScope | None = None) -> list[TaskResult]:
     """:func:`convert_one` over a batch of tasks, in order: one round trip to a worker."""
     return [convert_one(t, scope) for t in tasks]
 
