@@ -20,14 +20,34 @@ from .log import TaskResult
 from .manifest import Task
 from .worker import convert_batch, convert_one
 
-# Dispatch batches: at most this many tasks, holding about this many bytes of input.
+# Dispatch batches: at most this many tasks, holding about this many bytes of input,
+# and about this many seconds of work once results tell how long a task takes
 BATCH_MAX_TASKS = 64
 BATCH_INPUT_BYTES = 16 * 2**20
+BATCH_SECONDS = 0.25
+FIRST_BATCH_TASKS = 4
 # How long a run waits for its worker processes to start before dispatching anyway (seconds).
 WORKER_START_SECONDS = 30.0
 
 
-def batches(tasks: list[Task], width: int) -> list[list[Task]]:
+class Pace:
+    """Mean seconds per task of the results seen so far, which sizes the next batches."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.count = 0
+
+    def observe(self, result: TaskResult) -> None:
+        self.seconds += float(result.seconds or 0.0)
+        self.count += 1
+
+    @property
+    def mean(self) -> float | None:
+        """Mean seconds per task, or None before the first result."""
+        return self.seconds / self.count if self.count else None
+
+
+def batches(tasks: list[Task], width: int, pace: Pace | None = None) -> Iterator[list[Task]]:
     """Split tasks into the batches sent to workers, large first and shrinking to one task.
 
     A round trip to a worker costs about a millisecond, so tiny files travel
@@ -36,17 +56,24 @@ def batches(tasks: list[Task], width: int) -> list[list[Task]]:
     batch is a quarter of what is left per worker (guided self-scheduling), so
     the last batches are single tasks and no worker idles while another
     finishes a long batch at the end.
+
+    With a ``pace``, batches are sized as they are handed out: at most
+    :data:`FIRST_BATCH_TASKS` tasks until a result has come back, then about
+    :data:`BATCH_SECONDS` of work, so slow tasks (slices, preprocessing of small
+    files) go one by one and their log rows arrive as each finishes.
     """
     if not tasks:
-        return []
+        return
     mean_bytes = max(1, sum(t.bytes_in for t in tasks) // len(tasks))
     cap = max(1, min(BATCH_MAX_TASKS, BATCH_INPUT_BYTES // mean_bytes))
-    out, i = [], 0
+    i = 0
     while i < len(tasks):
         size = max(1, min(cap, (len(tasks) - i) // (4 * width)))
-        out.append(list(tasks[i:i + size]))
+        if pace is not None:
+            mean = pace.mean
+            size = min(size, FIRST_BATCH_TASKS if mean is None else max(1, int(BATCH_SECONDS / max(mean, 1e-6))))
+        yield list(tasks[i:i + size])
         i += size
-    return out
 
 
 def processes(width: int, **kwargs):
@@ -196,14 +223,18 @@ def _pool_results(tasks: list[Task], width: int, scope, handed: list) -> Iterato
     """Results from the worker pool, recording in ``handed`` every batch given to it."""
     from joblib import delayed
 
+    pace = Pace()
+
     def calls():
-        for b in batches(tasks, width):
+        for b in batches(tasks, width, pace):
             handed.append(b)
             yield delayed(convert_batch)(b, scope)
 
     gen = processes(width, return_as="generator_unordered", batch_size=1)(calls())
     try:
         for results in gen:
+            for r in results:
+                pace.observe(r)
             yield from results
     finally:
         gen.close()  # on Ctrl-C: joblib terminates the workers

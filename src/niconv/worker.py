@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,23 @@ def _convert(task: Task) -> TaskResult:
                 output_path=task.output_path, bytes_in=task.bytes_in)
     try:
         conv = converters.get(task.converter)
-        c = conv.convert(task, task.options)
+        # a library's warnings about this file (nibabel: "multiple TRs found in .PAR file")
+        # belong in its row, not on the terminal of an overnight run
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", ResourceWarning)  # the garbage collector's, not the file's
+            c = conv.convert(task, task.options)
         nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
+        details = dict(c.details)
+        said = list(dict.fromkeys(_first_line(str(w.message)) for w in caught))
+        if said:
+            details["warnings"] = said
         return TaskResult(
             status="ok", input_shape=fmt_shape(c.input_shape), input_dtype=c.input_dtype,
             output_shape=fmt_shape(c.output_shape), output_dtype=c.output_dtype,
             zooms=fmt_zooms(c.zooms), axcodes=c.axcodes, bytes_out=nbytes, sha256=digest,
             seconds=round(time.perf_counter() - start, 4),
-            details=json.dumps(c.details, sort_keys=True, default=_json_default) if c.details else "",
+            details=json.dumps(details, sort_keys=True, default=_json_default) if details else "",
             **base)
     except SkippedInput as exc:
         return TaskResult(status="skipped", error_type=type(exc).__name__, error_message=str(exc),
@@ -107,6 +117,10 @@ def pid_after_start() -> int:
 def convert_batch(tasks: list[Task], scope: WriteScope | None = None) -> list[TaskResult]:
     """:func:`convert_one` over a batch of tasks, in order: one round trip to a worker."""
     return [convert_one(t, scope) for t in tasks]
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]
 
 
 def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
