@@ -274,3 +274,14 @@ def test_a_worker_whose_run_died_while_it_started_ends_and_removes_its_temporary
     temp = Path(proc.stdout.strip())
     assert temp.name.startswith(".niconv-tmp-") and not temp.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fault_injection_script_passes_a_short_round(cohort, tmp_path):
+    """benchmarks/fault_injection.py (20 + 5 kills in full) stays runnable: one kill of each kind."""
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_injection.py"), "--parent-kills", "1",
+                           "--worker-kills", "1", "--workdir", str(tmp_path / "faults")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 of 2 trials passed" in proc.stdout.splitlines()[-1]
