@@ -81,8 +81,9 @@ class RunSummary:
     @property
     def files_per_second(self) -> float:
         """Files converted per second of the conversion phase (first dispatch to last result);
-        skipped and failed tasks are not counted. 0.0 when nothing was converted."""
-        return self.converted / self.conversion_seconds if self.conversion_seconds > 0 else 0.0
+        skipped and failed tasks are not counted. 0.0 when nothing was converted. Rounded to
+        2 decimals, so the summary line and the run record give the same figure."""
+        return round(self.converted / self.conversion_seconds, 2) if self.conversion_seconds > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -522,7 +523,7 @@ def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: in
         "finished": iso(time.time()),
         "seconds": summary.seconds,
         "conversion_seconds": summary.conversion_seconds,
-        "files_per_second": round(summary.files_per_second, 2),
+        "files_per_second": summary.files_per_second,
         "counts": {"converted": summary.converted, "skipped": summary.skipped, "failed": summary.failed,
                    "already_done": summary.already_done, "failed_before": summary.failed_before},
         "interrupted": summary.interrupted,
