@@ -25,6 +25,7 @@ from .config import Config
 from .lock import run_lock
 from .log import CsvLog, latest_by_task, read_rows, write_run_record
 from .manifest import Task, shard as shard_tasks
+from .volume import image_bytes
 from .worker import convert_batch, convert_one
 from .writers import remove_stale_temps
 
@@ -151,12 +152,13 @@ def estimate_memory(task: Task) -> int:
     """Peak bytes of one task: the input's uncompressed size x the converter's factor,
     plus what the converter's arrays outgrow the input by (``memory_extra``).
 
-    The size is read without parsing the image, so a cohort of thousands of files
-    is planned in milliseconds: a gzip file's size trailer (ISIZE), else the
-    file's size (plus a companion data file, in ``bytes_in``). A header-only
-    NIfTI's data offset is a few hundred bytes, which the factor covers. Only a
-    converter that can grow its arrays (``preprocess`` upsampling or padding)
-    reads the header.
+    The size is what the header says, read from the first bytes of each file
+    (NIfTI and MGH: :func:`niconv.volume.image_bytes`), so a cohort of thousands
+    of files is planned in milliseconds, and a small ``.gz`` that inflates to
+    gigabytes is sized by its header: the reader refuses the rest. Other formats:
+    a gzip file's size trailer (ISIZE), else the file's size (plus a companion
+    data file, in ``bytes_in``). Only a converter that can grow its arrays
+    (``preprocess`` upsampling or padding) reads more of the header.
     """
     conv = converters.get(task.converter)
     return int(_uncompressed_bytes(task) * conv.memory_factor) + int(conv.memory_extra(task.input_path, task.options))
@@ -164,7 +166,10 @@ def estimate_memory(task: Task) -> int:
 
 def _uncompressed_bytes(task: Task) -> int:
     path = task.input_path
-    if path.lower().endswith((".gz", ".mgz")):
+    described = image_bytes(path)
+    if described is not None:
+        return described
+    if path.lower().endswith(".gz"):
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
