@@ -241,3 +241,51 @@ def test_nifti2_dimensions_past_int64_fail_in_words(cohort, tmp_path, frozen_inp
         assert row["error_message"].startswith(f"{raw / name}: the header claims 4294967296x4294967296x1 voxels "
                                                "of int16 (36893488.1 TB) " + words)
         assert row["error_message"].endswith("the header is corrupt")
+
+
+# ---------------------------------------------------------------------------------------------
+# images and arrays with no values
+
+
+def test_nifti_refuses_an_array_with_no_values(cohort, tmp_path, frozen_inputs):
+    raw = tmp_path / "in"
+    raw.mkdir()
+    np.save(raw / "empty.npy", np.zeros((0, 3, 3), dtype=np.float32))
+    real = np.asanyarray(nib.load(cohort / "dipy_aniso_vox.nii.gz").dataobj)
+    np.save(raw / "real.npy", real)
+    frozen_inputs(raw)
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\nconvert: {to: nifti}\n")
+    proc = subprocess.run([sys.executable, "-m", "niconv", "run", str(cfg), "--quiet"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    rows = rows_by_name(tmp_path / "out" / "niconv_log.csv")
+    assert rows["empty.npy"]["status"] == "failed"
+    assert rows["empty.npy"]["error_message"] == (f"{raw / 'empty.npy'}: the array holds no values (shape 0x3x3); "
+                                                  "a NIfTI image needs at least one voxel")
+    assert not (tmp_path / "out" / "empty.nii.gz").exists()
+    assert rows["real.npy"]["status"] == "ok"
+    assert np.array_equal(np.asanyarray(nib.load(tmp_path / "out" / "real.nii.gz").dataobj), real)
+
+
+@pytest.mark.parametrize("to", ["numpy", "slices", "preprocess"])
+def test_image_converters_refuse_an_image_with_no_voxels(cohort, tmp_path, frozen_inputs, to):
+    """A real header whose first dimension is 0, compressed and not, beside the real image."""
+    raw = tmp_path / "in"
+    raw.mkdir()
+    src = nib.load(cohort / "sct_t2s.nii.gz")
+    empty = nib.Nifti1Image(np.zeros((0,) + src.shape[1:], dtype=np.float32), src.affine, src.header)
+    nib.save(empty, raw / "empty.nii.gz")
+    nib.save(empty, raw / "empty_plain.nii")
+    shutil.copy(cohort / "sct_t2s.nii.gz", raw / "good.nii.gz")
+    frozen_inputs(raw)
+    cfg = write_config(tmp_path, f"input: {{root: in}}\noutput: {{root: out}}\njobs: 1\nconvert: {{to: {to}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "niconv", "run", str(cfg), "--quiet"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    rows = rows_by_name(tmp_path / "out" / "niconv_log.csv")
+    assert rows["good.nii.gz"]["status"] == "ok", rows["good.nii.gz"]["error_message"]
+    for name in ("empty.nii.gz", "empty_plain.nii"):
+        assert rows[name]["status"] == "failed"
+        assert rows[name]["error_message"] == (f"{raw / name}: the image has no voxels: its header gives the "
+                                               "shape 0x54x9")
+        assert not Path(rows[name]["output_path"]).exists()

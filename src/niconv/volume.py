@@ -287,7 +287,8 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
     MissingInput
         If the file does not exist.
     InputError
-        If it is not a readable image, is truncated, or its header is invalid.
+        If it is not a readable image, is truncated, its header is invalid, or
+        it has no voxels (a zero in its shape).
     SkippedInput
         For DICOM files (not supported yet).
     """
@@ -297,7 +298,9 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
         img, data, linear = fast
     else:
         img, data, linear = _read_voxels(load_image(path), p, scaling)
-    if data.dtype.kind in "fc" and data.size and not _any_finite(data):
+    if data.size == 0:
+        raise InputError(p, f"the image has no voxels: its header gives the shape {_fmt_shape(data.shape)}")
+    if data.dtype.kind in "fc" and not _any_finite(data):
         raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
     return Volume(path=p, image=img, data=data, scaling=linear)
 
