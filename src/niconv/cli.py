@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="convert every input of a config")
     r.add_argument("config")
-    r.add_argument("--jobs", type=int, help="worker processes (default: config 'jobs', else all cores)")
+    r.add_argument("--jobs", type=int, help="worker processes (default: config 'jobs', else every CPU this "
+                   "process may use; never more than those)")
     r.add_argument("--force", action="store_true", help="redo every task, even those already done")
     r.add_argument("--retry-failed", action="store_true", help="redo tasks that failed in an earlier run")
     r.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N (balanced by input bytes)")

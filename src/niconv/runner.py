@@ -22,6 +22,7 @@ import numpy as np
 
 from . import __version__, converters, worker
 from .config import Config
+from .limits import available_memory, cap_jobs
 from .lock import run_lock
 from .log import CsvLog, latest_by_task, read_rows, write_run_record
 from .manifest import Task, shard as shard_tasks
@@ -138,14 +139,13 @@ def _size(path: Path) -> int:
 
 
 def memory_budget(config: Config) -> int:
-    """Bytes the run may use for concurrent tasks: ``memory_budget``, or 70% of available RAM."""
-    import psutil
-
-    avail = psutil.virtual_memory().available
+    """Bytes the run may use for concurrent tasks: ``memory_budget`` in bytes, else that fraction
+    (default 0.7) of the memory available to this process: the available RAM, or less under a
+    cgroup memory limit or an address-space rlimit (:func:`niconv.limits.available_memory`)."""
     budget = config.memory_budget
-    if budget is None:
-        return int(avail * 0.7)
-    return int(avail * budget) if budget <= 1 else int(budget)
+    if budget is not None and budget > 1:
+        return int(budget)
+    return int(available_memory() * (0.7 if budget is None else budget))
 
 
 def estimate_memory(task: Task) -> int:
@@ -337,6 +337,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     jobs = jobs or config.n_jobs
     backend = backend or config.backend
     scheduler = scheduler or config.scheduler
+    if backend == "loky" or not (scheduler or config.cluster.jobqueue):
+        jobs = cap_jobs(jobs)  # workers on this machine: no more than the CPUs it lets us use
     log_path = shard_log_path(config.log_path, shard)
     lock_name = ".niconv.lock" if shard is None else f".niconv.shard-{shard[0]}-of-{shard[1]}.lock"
     counts = {"ok": 0, "skipped": 0, "failed": 0}

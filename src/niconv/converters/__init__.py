@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -94,6 +95,30 @@ class Converter:
     memory_factor: float = 2.0
     memory_extra: Callable[[str, Any], int] = lambda input_path, options: 0
     inputs: str = "image"
+
+
+#: The placeholders of a pair pattern (``reference``, ``labels``), filled for each input.
+PATTERN_FIELDS = ("stem", "name", "parent")
+
+
+def pattern_fields(pattern: str) -> set[str]:
+    """The placeholders a pair pattern uses, e.g. ``{"stem"}`` for ``"{stem}_seg.nii.gz"``.
+
+    Raises
+    ------
+    ValueError
+        If the pattern is not a valid format string or uses a placeholder
+        other than :data:`PATTERN_FIELDS` (in words, for the config's message).
+    """
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
+    unknown = sorted(f for f in fields if f not in PATTERN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {pattern!r}; "
+                         f"expected {', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
+    return fields
 
 
 def names() -> tuple[str, ...]:

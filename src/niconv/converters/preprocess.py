@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -57,11 +56,10 @@ from ..ops.orientation import axcodes, reorient
 from ..paths import resolve_path
 from ..volume import read_volume
 from ..writers import atomic_output
-from . import Conversion, Converter
+from . import Conversion, Converter, pattern_fields
 
 STEP_NAMES = ("reorient", "resample", "normalize", "clip", "crop_pad", "cast")
 CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
-PATTERN_FIELDS = ("stem", "name", "parent")
 _SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
 _AXIS_PAIRS = ("LR", "AP", "SI")
 
@@ -325,15 +323,7 @@ class Options(_Model):
     def _pattern(cls, v):
         if v is None:
             return v
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        except ValueError as exc:
-            raise ValueError(f"invalid pattern {v!r}: {exc}") from None
-        unknown = sorted(f for f in fields if f not in PATTERN_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {v!r}; "
-                             f"expected {', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
-        if not fields:
+        if not pattern_fields(v):
             raise ValueError(f"pattern {v!r} has no placeholder: every image would pair with the same file; "
                              f"use {{stem}} (e.g. \"{{stem}}_seg.nii.gz\")")
         return v

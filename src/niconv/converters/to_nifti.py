@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..log import fmt_dtype
 from ..volume import image_stem, load_image, read_array
 from ..writers import atomic_output
-from . import Conversion, Converter, seed_output
+from . import Conversion, Converter, pattern_fields, seed_output
 
 class Options(BaseModel):
     """Options of ``to: nifti``."""
@@ -40,6 +40,13 @@ class Options(BaseModel):
     level: Optional[int] = Field(None, ge=0, le=9, description="gzip level; default fast")
 
     _root = field_validator("reference_root", mode="before")(resolve_path)
+
+    @field_validator("reference")
+    @classmethod
+    def _pattern(cls, v):
+        if v is not None:
+            pattern_fields(v)  # one reference for every array (no placeholder) is fine
+        return v
 
     @field_validator("affine")
     @classmethod
