@@ -16,7 +16,7 @@ Measured, each in a fresh process so peak memory is its own:
                processes started before timing (no runner, no log, no dispatch), and a
                pure-Python arithmetic loop split the same way (no I/O at all)
   read         reading alone: ``np.asanyarray(nib.load(f).dataobj)`` vs
-               ``niconv.codec.read_nifti(f)``
+               ``niconv.volume.read_volume(f)``
 
 For each: files/s, voxel MB/s (uncompressed array bytes per second), peak RSS of
 the busiest process, total output size, and ratios to (a) and (b). ``--repeat N``
@@ -298,10 +298,10 @@ def loop_read(files, which: str) -> None:
         for f in files:
             np.asanyarray(nib.load(str(f)).dataobj)
     else:
-        from niconv import codec
+        from niconv.volume import read_volume
 
         for f in files:
-            codec.read_nifti(f)
+            read_volume(f)
 
 
 def _floor_one(args) -> None:
@@ -523,7 +523,7 @@ LABELS = {
     "floor": "(d) codec floor: libdeflate inflate + ISA-L deflate",
     "split": "(e) split: convert_one in plain processes, no runner",
     "read-nibabel": "np.asanyarray(nib.load(f).dataobj)",
-    "read-codec": "niconv.codec.read_nifti(f)",
+    "read-codec": "niconv.volume.read_volume(f)",
 }
 
 

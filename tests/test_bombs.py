@@ -139,7 +139,7 @@ def test_reader_stops_a_bomb_after_the_slack_whatever_its_trailer_says(cohort, t
     tracemalloc.start()
     start = time.monotonic()
     try:
-        for read in (codec.read_nifti, read_volume):
+        for read in (codec.open_nifti, read_volume):
             with pytest.raises(InputError, match=BOMB_WORDS):
                 read(path)
         _, peak = tracemalloc.get_traced_memory()
@@ -158,7 +158,7 @@ def test_trailing_padding_within_the_slack_is_read(cohort, tmp_path, members):
     path.write_bytes(gzip.compress(payload + bytes(4096)) if members == 1
                      else gzip.compress(payload) + gzip.compress(bytes(4096)))
     expected = np.asanyarray(nib.load(cohort / "dipy_aniso_vox.nii.gz").dataobj)
-    for read in (lambda p: codec.read_nifti(p)[1], lambda p: read_volume(p).data):
+    for read in (lambda p: np.asanyarray(codec.open_nifti(p).dataobj), lambda p: read_volume(p).data):
         assert np.array_equal(read(path), expected)
 
 
@@ -226,7 +226,7 @@ def test_nifti2_dimensions_past_int64_fail_in_words(cohort, tmp_path, frozen_inp
         codec.nifti_from_bytes(bytearray(claim), "huge.nii")
     offset = int(nib.Nifti2Header.from_fileobj(io.BytesIO(claim), check=False)["vox_offset"])
     with pytest.raises(InputError, match=f"header claims {2 ** 65 + offset} bytes of image data"):
-        codec.read_nifti(raw / "huge.nii.gz")
+        codec.open_nifti(raw / "huge.nii.gz")
     cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\nconvert: {to: numpy}\n")
     proc = subprocess.run([sys.executable, "-m", "niconv", "run", str(cfg), "--quiet"], capture_output=True,
                           text=True, timeout=120)

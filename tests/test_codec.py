@@ -16,7 +16,7 @@ import pytest
 
 from niconv import codec
 from niconv.errors import InputError, NiconvError, OutputError
-from niconv.volume import read_volume
+from niconv.volume import image_data, read_volume
 
 DATA = Path(os.environ.get("NICONV_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 COHORT = DATA / "cohort"
@@ -379,58 +379,64 @@ def test_read_gz_bytes_errors(tmp_path):
 
 
 def policy_float32(img) -> np.ndarray:
-    """niconv.volume's "float32" policy computed from nibabel's stored values and scale."""
+    """niconv.volume's "float32" policy from nibabel: its values rounded to float32 if scaled, else as stored."""
     proxy = img.dataobj
     stored_values = np.asanyarray(proxy.get_unscaled())
     if not stored_values.dtype.isnative and stored_values.dtype.fields is None:
         stored_values = stored_values.astype(stored_values.dtype.newbyteorder("="))
-    slope, inter = float(proxy.slope), float(proxy.inter)
-    if (slope, inter) == (1.0, 0.0):
+    if (float(proxy.slope), float(proxy.inter)) == (1.0, 0.0):
         return stored_values
-    out = stored_values.astype(np.float32)
-    if slope != 1.0:
-        out *= np.float32(slope)
-    if inter != 0.0:
-        out += np.float32(inter)
-    return out
+    return np.float32(np.asanyarray(proxy))
 
 
 @pytest.mark.skipif(not NIFTIS, reason=NO_DATA)
 @pytest.mark.parametrize("path", NIFTIS, ids=[p.name for p in NIFTIS])
-def test_read_nifti_equals_nibabel_and_the_volume_policy(path):
+def test_read_volume_equals_nibabel_under_the_volume_policy(path):
     ref = nib.load(str(path))
-    image, data, linear = codec.read_nifti(path)
-    assert linear is None
-    # the dtype policy of niconv.volume, bit for bit: from nibabel's stored values, and
-    # as the project's reader returns it
-    for policy in (policy_float32(ref), read_volume(path).data):
-        assert data.dtype == policy.dtype and data.shape == policy.shape
-        assert np.array_equal(data, policy, equal_nan=data.dtype.kind == "f")
+    data = read_volume(path).data
+    policy = policy_float32(ref)
+    assert data.dtype == policy.dtype and data.shape == policy.shape
+    assert np.array_equal(data, policy, equal_nan=data.dtype.kind == "f")
     assert data.flags.f_contiguous
-    # nibabel's own values (it scales in float64; we in float32)
-    expected = np.asanyarray(ref.dataobj)
-    if expected.dtype.fields is None and expected.dtype.kind == "f":
-        np.testing.assert_allclose(data, expected, rtol=1e-6, equal_nan=True)
-    else:
-        assert np.array_equal(data, expected)
+
+
+GZ_NIFTIS = [p for p in NIFTIS if p.name.endswith(".nii.gz")]
+
+
+@pytest.mark.skipif(not GZ_NIFTIS, reason=NO_DATA)
+@pytest.mark.parametrize("path", GZ_NIFTIS, ids=[p.name for p in GZ_NIFTIS])
+def test_open_nifti_is_the_image_nib_load_gives(path):
+    ref = nib.load(str(path))
+    image = codec.open_nifti(path)
     assert type(image) is type(ref)
     assert image.header.binaryblock == ref.header.binaryblock
     assert image.header.extensions == ref.header.extensions
     assert np.array_equal(image.affine, ref.affine)
-    if path.name.endswith(".gz"):
-        assert data.flags.writeable
-        assert np.asanyarray(image.dataobj) is data  # nothing is read twice
+    assert (image.dataobj.slope, image.dataobj.inter) == (ref.dataobj.slope, ref.dataobj.inter)
+    stored = image.dataobj.get_unscaled()
+    assert stored.dtype.isnative and stored.flags.writeable and stored.flags.f_contiguous
+    assert np.array_equal(stored, ref.dataobj.get_unscaled(), equal_nan=stored.dtype.kind == "f")
+    # nibabel's values, as from nib.load's proxy; unscaled: the stored array itself (nothing read twice)
+    values = np.asanyarray(image.dataobj)
+    assert np.array_equal(values, np.asanyarray(ref.dataobj), equal_nan=values.dtype.kind == "f")
+    if (ref.dataobj.slope, ref.dataobj.inter) == (1.0, 0.0):
+        assert values is stored
+        data, scale = image_data(image)
+        assert data is stored and scale is None
 
 
 @pytest.mark.skipif(not NIFTIS, reason=NO_DATA)
 @pytest.mark.parametrize("path", NIFTIS, ids=[p.name for p in NIFTIS])
-def test_read_nifti_raw_gives_stored_values_and_scale(path):
+def test_read_volume_raw_gives_stored_values_and_scale(path):
     ref = nib.load(str(path))
-    _, data, linear = codec.read_nifti(path, scaling="raw")
-    assert np.array_equal(data, ref.dataobj.get_unscaled(), equal_nan=data.dtype.kind == "f")
-    assert data.dtype.isnative or data.dtype.fields is not None
+    vol = read_volume(path, scaling="raw")
+    assert np.array_equal(vol.data, ref.dataobj.get_unscaled(), equal_nan=vol.data.dtype.kind == "f")
+    assert vol.data.dtype.isnative or vol.data.dtype.fields is not None
     slope, inter = float(ref.dataobj.slope), float(ref.dataobj.inter)
-    assert linear == (None if (slope, inter) == (1.0, 0.0) else (slope, inter))
+    if (slope, inter) == (1.0, 0.0):
+        assert vol.scaling is None
+    else:
+        assert (vol.scaling.slope, vol.scaling.inter) == (slope, inter)
 
 
 def test_nifti_from_bytes_swaps_big_endian_in_place(tmp_path):
@@ -445,23 +451,20 @@ def test_nifti_from_bytes_swaps_big_endian_in_place(tmp_path):
     assert header.get_data_dtype() == np.dtype(">i2")
 
 
-def test_read_nifti_errors(tmp_path):
+def test_open_nifti_errors(tmp_path):
     blob = real("nib_example4d.nii.gz").read_bytes()
     payload = gzip.decompress(blob)
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(payload[: len(payload) // 2]))
     with pytest.raises(InputError, match="truncated"):
-        codec.read_nifti(tmp_path / "short.nii.gz")
+        codec.open_nifti(tmp_path / "short.nii.gz")
     (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image" * 100))
     with pytest.raises(InputError, match="not a NIfTI"):
-        codec.read_nifti(tmp_path / "text.nii.gz")
+        codec.open_nifti(tmp_path / "text.nii.gz")
     (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(InputError):
-        codec.read_nifti(tmp_path / "cut.nii.gz")
-    with pytest.raises(InputError, match="not a single-file NIfTI"):
-        codec.read_nifti(real("fs_brainmask.mgz").with_name("spm99_single_subj_T1.hdr"))
-
-
-GZ_NIFTIS = [p for p in NIFTIS if p.name.endswith(".nii.gz")]
+        codec.open_nifti(tmp_path / "cut.nii.gz")
+    with pytest.raises(InputError, match="not a gzip-compressed NIfTI"):
+        codec.open_nifti(real("spm99_single_subj_T1.hdr"))
 
 
 @pytest.mark.skipif(not GZ_NIFTIS, reason=NO_DATA)
@@ -492,6 +495,6 @@ def test_fast_reader_refuses_non_finite_scale_factors(tmp_path, field, value, wo
     path = tmp_path / "scaled.nii.gz"
     raw = bytearray(img.header.binaryblock) + b"\0" * 4 + np.arange(24, dtype=np.int16).tobytes(order="F")
     path.write_bytes(gzip.compress(bytes(raw)))
-    for read in (codec.read_nifti, read_volume):
+    for read in (codec.open_nifti, read_volume):
         with pytest.raises(InputError, match=words):
             read(path)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from niconv.log import COLUMNS, STATUSES
+from niconv.writers import _host_tag
 from conftest import niconv, outputs, rows_of, sha256, write_config
 
 BIG = ("nilearn_mni152_t1_2009a.nii.gz", "fs_brainmask.mgz", "bigbrain_labels.nii.gz", "nib_example4d.nii.gz")
@@ -220,10 +221,11 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_outputs(big_cohort, c
     # every file under a final name is complete even now, before any rerun
     finals = {rel: h for rel, h in outputs(out).items() if not Path(rel).name.startswith(".niconv-tmp-")}
     assert len(finals) >= done_at_kill and all(reference[rel] == h for rel, h in finals.items())
-    # the dead run's lock is still there; a writer killed mid-file leaves its temporary file
-    assert (out / ".niconv.lock").exists()
+    # the dead run's lock is still there; a writer killed mid-file leaves its temporary file,
+    # named with the tree's token (kept in the lock file) and the dead writer's host and PID
+    token = json.loads((out / ".niconv.lock").read_text())["token"]
     (out / "s0").mkdir(exist_ok=True)
-    (out / "s0" / ".niconv-tmp-leftover-nib_example4d.npz").write_bytes(b"half a file")
+    (out / "s0" / f".niconv-tmp-{token}-{_host_tag()}-{proc.pid}-leftover-nib_example4d.npz").write_bytes(b"half")
     check_log(log, out)
 
     rerun = niconv("run", cfg, "--quiet", timeout=300)
@@ -231,7 +233,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_outputs(big_cohort, c
     assert f"{total - done_at_kill} converted, {done_at_kill} already done, 0 skipped, 0 failed" in rerun.stdout
     assert outputs(out) == reference
     assert temp_files(out) == []
-    assert not (out / ".niconv.lock").exists()
+    assert set(json.loads((out / ".niconv.lock").read_text())) == {"token"}  # no owner: the run is over
     rows = check_log(log, out)
     per_task = Counter(r["task_id"] for r in rows if r["status"] == "ok")
     assert len(per_task) == total and set(per_task.values()) == {1}
@@ -259,7 +261,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_completes(big_cohort):
     done = sum(r["status"] == "ok" for r in rows)
     assert 2 <= done < total and len(rows) == done
     assert f"{done} converted" in stdout
-    assert temp_files(out) == [] and not (out / ".niconv.lock").exists()
+    assert temp_files(out) == [] and set(json.loads((out / ".niconv.lock").read_text())) == {"token"}
     record = json.loads((out / "niconv_log.run.json").read_text())
     assert record["interrupted"] is True and record["counts"]["converted"] == done
 

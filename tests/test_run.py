@@ -178,7 +178,8 @@ def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):
     from joblib import delayed
 
     from niconv.config import load_config
-    from niconv.runner import _processes, run, start_workers
+    from niconv.dispatch import processes as _processes, start_workers
+    from niconv.runner import run
     from niconv.worker import pid_after_start
     from niconv.scan import build_manifest
 
@@ -221,25 +222,45 @@ def test_run_record_times_the_conversion_phase(cohort, tmp_path):
 
 def test_batches_cover_every_task_once_and_shrink_to_single_tasks():
     from niconv.manifest import Task
-    from niconv.runner import BATCH_INPUT_BYTES, BATCH_MAX_TASKS, batches
+    from niconv.dispatch import BATCH_INPUT_BYTES, BATCH_MAX_TASKS, batches
 
     def cohort_of(n, nbytes):
         return [Task(f"{i:04d}", "numpy", f"in/{i}.nii.gz", f"{i}.nii.gz", f"out/{i}.npz", None, (), nbytes)
                 for i in range(n)]
 
     tiny = cohort_of(1000, 45_000)  # 32^3 int16 volumes
-    split = batches(tiny, 2)
+    split = list(batches(tiny, 2))
     assert [t for b in split for t in b] == tiny  # every task once, in manifest order
     sizes = [len(b) for b in split]
     assert sizes[0] == BATCH_MAX_TASKS and sizes == sorted(sizes, reverse=True) and sizes[-8:] == [1] * 8
     # large volumes go one by one; a batch never holds much more than BATCH_INPUT_BYTES of input
     assert {len(b) for b in batches(cohort_of(80, 10_000_000), 2)} == {1}
     assert max(len(b) for b in batches(cohort_of(400, 1_000_000), 2)) == BATCH_INPUT_BYTES // 1_000_000
-    assert batches([], 2) == [] and [len(b) for b in batches(cohort_of(3, 10), 4)] == [1, 1, 1]
+    assert list(batches([], 2)) == [] and [len(b) for b in batches(cohort_of(3, 10), 4)] == [1, 1, 1]
+
+
+def test_batches_follow_the_pace_of_results():
+    """Slow tasks go one by one, so their rows reach the log as each finishes; tiny ones travel together."""
+    from niconv.dispatch import BATCH_MAX_TASKS, FIRST_BATCH_TASKS, Pace, batches
+    from niconv.log import TaskResult
+    from niconv.manifest import Task
+
+    tasks = [Task(f"{i:04d}", "slices", f"in/{i}.nii.gz", f"{i}.nii.gz", f"out/{i}", None, (), 45_000)
+             for i in range(1000)]
+    pace = Pace()
+    split = batches(tasks, 2, pace)
+    first = [len(next(split)) for _ in range(4)]  # handed out before any result came back
+    assert first == [FIRST_BATCH_TASKS] * 4
+    pace.observe(TaskResult("x", "ok", "slices", "in", "out", seconds=0.4))  # 0.4 s a task
+    assert {len(b) for b in split} == {1}
+    fast = Pace()
+    fast.observe(TaskResult("x", "ok", "numpy", "in", "out", seconds=0.001))
+    sizes = [len(b) for b in batches(tasks, 2, fast)]
+    assert sizes[0] == BATCH_MAX_TASKS and sum(sizes) == 1000
 
 
 def test_a_run_with_nothing_to_do_starts_no_workers(cohort, tmp_path, monkeypatch):
-    from niconv import runner
+    from niconv import dispatch, runner
     from niconv.config import load_config
     from niconv.scan import build_manifest
 
@@ -253,7 +274,7 @@ def test_a_run_with_nothing_to_do_starts_no_workers(cohort, tmp_path, monkeypatc
     def no_workers(*args, **kwargs):
         raise AssertionError("started workers with nothing to convert")
 
-    monkeypatch.setattr(runner, "start_workers", no_workers)
+    monkeypatch.setattr(dispatch, "start_workers", no_workers)
     again = runner.run(config, tasks, jobs=2, progress=False)
     assert (again.converted, again.already_done, again.conversion_seconds) == (0, 1, 0.0)
 

@@ -18,7 +18,7 @@ from niconv import __version__ as niconv_version
 from niconv.errors import LockError, OutputError
 from niconv.lock import run_lock
 from niconv.paths import inside
-from niconv.writers import TEMP_PREFIX, atomic_output, remove_stale_temps
+from niconv.writers import TEMP_PREFIX, WriteScope, atomic_output, remove_stale_temps, writing_into
 from conftest import niconv, outputs, rows_of, sha256, tree_listing as tree, write_config
 
 
@@ -61,7 +61,8 @@ def test_a_live_run_holds_the_tree_and_a_second_run_is_refused(cohort, tmp_path)
     assert proc.returncode == 2
     assert f"another niconv run (process {os.getpid()} on " in proc.stderr
     assert "is writing this output tree" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # nothing written, lock released
+    # nothing written but the tree's lock file, which stays (it holds the tree's token)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".niconv.lock"]
     assert niconv("run", cfg, "--quiet").returncode == 0
 
 
@@ -76,7 +77,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(cohort, tmp_path):
     proc = niconv("run", config(tmp_path), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "1 converted" in proc.stdout
-    assert not lock.exists()
+    assert set(json.loads(lock.read_text())) == {"token"}  # the dead owner is gone; the file stays with a token
 
 
 def test_an_output_root_that_cannot_hold_a_lock_is_a_clear_error(cohort, tmp_path):
@@ -232,14 +233,16 @@ def test_stale_temporary_files_are_removed_but_a_live_writers_are_kept(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "a").mkdir()
-    with atomic_output(tmp_path / "a" / "live.npz") as live:
-        own_tag = Path(live).name[len(TEMP_PREFIX):].split("-")[0]
-        dead_one = tmp_path / "a" / f"{TEMP_PREFIX}{own_tag}-{dead.pid}-abcdefgh-x.npz"
+    scope = WriteScope(str(tmp_path), "0123456789abcdef")
+    with writing_into(scope), atomic_output(tmp_path / "a" / "live.npz") as live:
+        token, own_tag = Path(live).name[len(TEMP_PREFIX):].split("-")[:2]
+        assert token == scope.token
+        dead_one = tmp_path / "a" / f"{TEMP_PREFIX}{token}-{own_tag}-{dead.pid}-abcdefgh-x.npz"
         dead_one.write_bytes(b"left by a killed worker")
         unnamed = tmp_path / f"{TEMP_PREFIX}old-y.npz"
-        unnamed.write_bytes(b"no writer recorded")
-        assert remove_stale_temps(tmp_path) == 2
-        assert Path(live).exists() and not dead_one.exists() and not unnamed.exists()
+        unnamed.write_bytes(b"no writer recorded: not proved to be niconv's")
+        assert remove_stale_temps(scope) == 1
+        assert Path(live).exists() and not dead_one.exists() and unnamed.exists()
         Path(live).write_bytes(b"done")
     assert (tmp_path / "a" / "live.npz").read_bytes() == b"done"
 

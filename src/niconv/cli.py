@@ -6,12 +6,13 @@ Exit codes: 0 every task ok (or already done); 1 at least one task failed;
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from importlib import resources
 from pathlib import Path
 
 from . import __version__, converters
-from .errors import ClusterError, ConfigError, LockError, NiconvError, ScanError
+from .errors import ClusterError, ConfigError, LockError, LogError, NiconvError, ScanError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    _paths_never_fail_to_print()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -87,6 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("niconv: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _paths_never_fail_to_print() -> None:
+    """A file name that is not valid UTF-8 holds lone surrogates (os.fsdecode): stdout writes
+    them back as the name's own bytes, so listings stay exact; stderr shows them escaped."""
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if not hasattr(stream, "reconfigure"):
+            continue  # replaced by a caller (StringIO): takes any str
+        utf8 = codecs.lookup(stream.encoding or "ascii").name == "utf-8"
+        stream.reconfigure(errors=errors if utf8 else "backslashreplace")
+
+
+def _damaged(count: int) -> str:
+    return f"{count} damaged log line(s) skipped"
 
 
 def _load(args):
@@ -107,8 +123,16 @@ def cmd_run(args) -> int:
              f"{s.failed} failed"]
     if s.failed_before:
         parts.append(f"{s.failed_before} failed earlier (--retry-failed to redo)")
+    if s.log_damaged_lines:
+        parts.append(_damaged(s.log_damaged_lines))
     rate = f" ({s.files_per_second:.1f} files/s converting)" if s.conversion_seconds else ""
     print(f"niconv: {', '.join(parts)} in {s.seconds:.1f} s{rate}; log: {s.log_path}")
+    if s.unlogged:
+        print(f"niconv: {s.unlogged} result(s) could not be written to the log ({s.unlogged_reason}); "
+              "the next run redoes those tasks", file=sys.stderr)
+    if s.error:
+        print(f"niconv: error: the run stopped early while {s.error}; fix that, then rerun the same "
+              "command to resume (with --retry-failed to redo the tasks that failed)", file=sys.stderr)
     if s.interrupted:
         print("niconv: interrupted; rerun the same command to resume", file=sys.stderr)
     return s.exit_code
@@ -117,13 +141,14 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     import csv
 
-    from .log import read_rows
+    from .log import read_log
     from .runner import plan, shard_log_path
     from .scan import build_manifest
 
     config = _load(args)
     tasks = build_manifest(config)
-    p = plan(tasks, read_rows(shard_log_path(config.log_path, args.shard)), shard=args.shard)
+    logged = read_log(shard_log_path(config.log_path, args.shard))
+    p = plan(tasks, logged.rows, shard=args.shard)
     state = {t.task_id: "pending" for t in p.pending}
     state.update({t.task_id: "done" for t in p.done})
     state.update({t.task_id: "failed" for t in p.failed_before})
@@ -138,6 +163,8 @@ def cmd_plan(args) -> int:
             print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path} -> {t.output_path}")
         print(f"niconv: {len(shown)} task(s): {len(p.pending)} pending, {len(p.done)} done, "
               f"{len(p.failed_before)} failed earlier", file=sys.stderr)
+    if logged.damaged_lines:
+        print(f"niconv: {_damaged(logged.damaged_lines)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -167,13 +194,19 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .log import latest_by_task, read_rows
+    from .log import read_log
     from .worker import digest_outputs
 
     path = Path(args.log)
     if not path.exists():
         raise ConfigError(str(path), "log file not found")
-    rows = [r for r in latest_by_task(read_rows(path)).values() if r["status"] == "ok"]
+    logged = read_log(path)
+    if not logged.rows:
+        found = _damaged(logged.damaged_lines) if logged.damaged_lines else "an empty log or only a header"
+        raise LogError(str(path), f"expected log rows to verify against, found none ({found})")
+    # the latest row of each output: an output redone (its input changed) has a newer row than the old task's
+    latest = {r["output_path"]: r for r in logged.rows}
+    rows = [r for r in latest.values() if r["status"] == "ok"]
     bad = 0
     for r in rows:
         out = Path(r["output_path"])
@@ -186,7 +219,10 @@ def cmd_verify(args) -> int:
         if digest != r["sha256"]:
             print(f"differs  {out}")
             bad += 1
-    print(f"niconv: {len(rows) - bad} of {len(rows)} outputs match the log" + (f"; {bad} missing or different" if bad else ""))
+    notes = [f"{bad} missing or different"] if bad else []
+    if logged.damaged_lines:
+        notes.append(_damaged(logged.damaged_lines))
+    print(f"niconv: {len(rows) - bad} of {len(rows)} outputs match the log" + "".join(f"; {n}" for n in notes))
     return EXIT_FAILED if bad else EXIT_OK
 
 

@@ -478,13 +478,20 @@ def latest_rows(config, tasks: tuple[Task, ...]) -> dict[str, dict]:
     """The latest log row of each task of ``tasks`` across the run's log and shard logs.
 
     Files are read oldest first and rows in file order, so later rows win. Rows
-    of tasks not in the manifest (changed inputs, another config) are ignored.
+    of tasks not in the manifest (changed inputs, another config) are ignored,
+    and so are damaged lines (:func:`niconv.log.read_log`).
     """
-    from .log import latest_by_task, read_rows
+    return _latest_rows(config, tasks)[0]
+
+
+def _latest_rows(config, tasks: tuple[Task, ...]) -> tuple[dict[str, dict], int]:
+    """:func:`latest_rows`, and the damaged lines skipped in all the logs."""
+    from .log import latest_by_task, read_log
 
     ids = {t.task_id for t in tasks}
-    rows = (r for path in log_files(config.log_path) for r in read_rows(path) if r["task_id"] in ids)
-    return latest_by_task(rows)
+    logs = [read_log(path) for path in log_files(config.log_path)]
+    rows = (r for log in logs for r in log.rows if r["task_id"] in ids)
+    return latest_by_task(rows), sum(log.damaged_lines for log in logs)
 
 
 def _is_done(row: dict | None) -> bool:
@@ -508,6 +515,8 @@ class RunStatus:
         The log files read.
     failures : tuple of (str, str, str)
         ``(input_path, error_type, error_message)`` of each failed task, in manifest order.
+    damaged_lines : int
+        Lines of the logs skipped as damaged (their tasks count as pending).
     """
 
     total: int
@@ -516,6 +525,7 @@ class RunStatus:
     pending: int
     logs: tuple[Path, ...]
     failures: tuple[tuple[str, str, str], ...] = ()
+    damaged_lines: int = 0
 
 
 def status(config, tasks: tuple[Task, ...] | None = None) -> RunStatus:
@@ -528,13 +538,13 @@ def status(config, tasks: tuple[Task, ...] | None = None) -> RunStatus:
         The manifest; scanned from ``config`` when not given.
     """
     tasks = _manifest(config) if tasks is None else tasks
-    latest = latest_rows(config, tasks)
+    latest, damaged = _latest_rows(config, tasks)
     rows = [latest.get(t.task_id) for t in tasks]
     failures = tuple((r["input_path"], r["error_type"], r["error_message"])
                      for r in rows if r and r["status"] == "failed")
     done = sum(map(_is_done, rows))
     return RunStatus(total=len(tasks), done=done, failed=len(failures), pending=len(tasks) - done - len(failures),
-                     logs=tuple(log_files(config.log_path)), failures=failures)
+                     logs=tuple(log_files(config.log_path)), failures=failures, damaged_lines=damaged)
 
 
 def merge(config, tasks: tuple[Task, ...] | None = None, output: str | os.PathLike | None = None) -> Path:
@@ -554,7 +564,7 @@ def merge(config, tasks: tuple[Task, ...] | None = None, output: str | os.PathLi
     Path
         The merged log. Tasks without any row (pending) are absent from it.
     """
-    from .log import COLUMNS
+    from .log import COLUMNS, open_log
     from .writers import atomic_output
 
     tasks = _manifest(config) if tasks is None else tasks
@@ -563,7 +573,7 @@ def merge(config, tasks: tuple[Task, ...] | None = None, output: str | os.PathLi
     # columns a newer niconv added stay, after the known ones
     header = list(COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in COLUMNS]
     path = Path(output or config.log_path)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open_log(tmp, "w") as f:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -787,6 +797,8 @@ def cmd_status(args) -> int:
     st = status(config)
     print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending "
           f"({len(st.logs)} log file(s) beside {config.log_path})")
+    if st.damaged_lines:
+        print(f"{st.damaged_lines} damaged log line(s) skipped")
     subs = submissions(config)
     if subs:
         with contextlib.suppress(ClusterError):  # squeue unavailable here: the counts still stand
@@ -808,7 +820,8 @@ def cmd_merge(args) -> int:
     st = status(config, tasks)
     path = merge(config, tasks, args.output)
     print(f"merged {st.done + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
-          + (f"; {st.failed} failed, {st.pending} pending" if st.done != st.total else ""))
+          + (f"; {st.failed} failed, {st.pending} pending" if st.done != st.total else "")
+          + (f"; {st.damaged_lines} damaged log line(s) left out" if st.damaged_lines else ""))
     return 0 if st.done == st.total else 1
 
 

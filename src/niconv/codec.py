@@ -54,7 +54,8 @@ __all__ = [
     "write_nifti_gz",
     "read_gz_bytes",
     "nifti_from_bytes",
-    "read_nifti",
+    "open_nifti",
+    "StoredVoxels",
 ]
 
 #: Default deflate level: ISA-L's level 2. On real MRI volumes (uint8 and int16)
@@ -723,84 +724,95 @@ def nifti_from_bytes(raw: bytearray, where: str = ""):
     return header, stored.reshape(shape, order="F")
 
 
-def read_nifti(path, scaling: str = "float32"):
-    """Read a NIfTI-1/2 file (``.nii.gz`` or ``.nii``) fast, as nibabel would, without float64.
+class StoredVoxels:
+    """nibabel's array proxy interface over stored voxels already in memory.
 
-    ``.nii.gz`` is inflated in one libdeflate call (:func:`read_gz_bytes`) and
-    the voxels are a view of that buffer; ``.nii`` is memory-mapped by
-    nibabel (lazy: the file must outlive the array). Scale factors follow the
-    dtype policy of :mod:`niconv.volume`.
+    The ``dataobj`` of an image opened by :func:`open_nifti`: like nibabel's
+    ``ArrayProxy`` it has ``shape``, ``dtype``, ``slope``, ``inter`` and
+    ``get_unscaled()`` (the stored array itself, no copy), and reading it as an
+    array (``np.asanyarray(image.dataobj)``) gives nibabel's scaled values.
+    """
+
+    is_proxy = True
+
+    def __init__(self, stored: np.ndarray, slope: float, inter: float):
+        self._stored = stored
+        self.slope = slope
+        self.inter = inter
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._stored.shape
+
+    @property
+    def ndim(self) -> int:
+        return self._stored.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._stored.dtype
+
+    def get_unscaled(self) -> np.ndarray:
+        """The stored values, shape ``(X, Y, Z[, T, ...])``, Fortran order, native byte order."""
+        return self._stored
+
+    def __array__(self, dtype=None, copy=None):
+        values = self._scaled(self._stored)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def __getitem__(self, key):
+        return self._scaled(self._stored[key])
+
+    def _scaled(self, stored: np.ndarray) -> np.ndarray:
+        from nibabel.volumeutils import apply_read_scaling
+
+        return apply_read_scaling(stored, self.slope, self.inter)  # unscaled: ``stored`` itself
+
+
+def open_nifti(path):
+    """Open a ``.nii.gz`` in one pass: one libdeflate call, one header parse, no ``nib.load``.
 
     Parameters
     ----------
     path : str or path-like
-        A single-file NIfTI image.
-    scaling : {"float32", "raw"}
-        ``"float32"``: images with ``scl_slope``/``scl_inter`` yield the
-        scaled values as float32 (stored * slope + inter, computed in
-        float32); unscaled images keep their stored dtype. ``"raw"``: the
-        stored values, and the ``(slope, inter)`` to apply.
+        A single-file NIfTI-1/2 image, gzip-compressed.
 
     Returns
     -------
-    image : nibabel.Nifti1Image or nibabel.Nifti2Image
-        Header, extensions and affine as ``nib.load`` gives them; for
-        ``.nii.gz`` its ``dataobj`` is ``data`` itself (nothing is read twice).
-    data : numpy.ndarray
-        Voxels, shape ``(X, Y, Z[, T, ...])``, Fortran order, native byte order.
-    linear : tuple of float or None
-        ``(slope, inter)`` not applied to ``data`` (``scaling="raw"`` on a
-        scaled image), else None.
+    nibabel.Nifti1Image or nibabel.Nifti2Image
+        Header, extensions and affine as ``nib.load`` gives them. Its
+        ``dataobj`` is a :class:`StoredVoxels` over the inflated buffer (the
+        stored values are a view of it, nothing is read twice) with the
+        header's scale factors; :func:`niconv.volume.image_data` turns it into
+        values as for any other image.
 
     Raises
     ------
     InputError
-        If the file is missing, not NIfTI, truncated, corrupt, or has
+        If the file is missing, not gzip, not NIfTI, truncated, corrupt, or has
         non-finite scale factors.
     OverlongStream
         If a ``.nii.gz`` stream goes on more than :data:`TRAILING_SLACK` bytes
         past the image its header describes (nothing more is inflated).
     """
-    if scaling not in ("float32", "raw"):
-        raise ValueError(f"scaling must be 'float32' or 'raw'; found {scaling!r}")
     where = os.fspath(path)
-    if str(where).lower().endswith(".gz"):
-        comp = _read_file(where)
-        offset, shape, dtype = nifti_extent(_gz_prefix(comp, 540, where), where)
-        size = offset + math.prod(shape) * dtype.itemsize
-        if size > len(comp) * _MAX_DEFLATE_RATIO:
-            raise InputError(where, f"header claims {size} bytes of image data but the compressed file has "
-                                    f"only {len(comp)} bytes")
-        raw = _inflate(comp, where, size)
-        del comp
-        header, stored = nifti_from_bytes(raw, where)
-        klass = _nifti_class(raw, where)
-        check_scale_factors(float(header["scl_slope"]), float(header["scl_inter"]), where)
-        slope, inter = _slope_inter(header, where)
-        data, linear = apply_scaling(stored, slope, inter, scaling)
-        # the constructor keeps the header as is when the affine matches its best affine,
-        # and resets scl_slope/scl_inter as nib.load does (the data is already scaled)
-        image = klass(data, header.get_best_affine(), header)
-        return image, data, linear
-    import nibabel as nib
-
-    try:
-        image = nib.load(where)
-    except FileNotFoundError as exc:
-        raise InputError(where, "file not found") from exc
-    except Exception as exc:
-        raise InputError(where, f"cannot read NIfTI ({type(exc).__name__}: {_first_line(exc)})") from exc
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(where, f"not a single-file NIfTI image ({type(image).__name__})")
-    proxy = image.dataobj
-    slope, inter = float(proxy.slope), float(proxy.inter)
-    if not (np.isfinite(slope) and np.isfinite(inter)):
-        raise InputError(where, f"scale factors are not finite (scl_slope={slope}, scl_inter={inter})")
-    stored = proxy.get_unscaled()
-    if not stored.dtype.isnative and stored.dtype.fields is None:
-        stored = stored.astype(stored.dtype.newbyteorder("="))
-    data, linear = apply_scaling(stored, slope, inter, scaling)
-    return image, data, linear
+    if not str(where).lower().endswith(".gz"):
+        raise InputError(where, "not a gzip-compressed NIfTI (.nii.gz)")
+    comp = _read_file(where)
+    offset, shape, dtype = nifti_extent(_gz_prefix(comp, 540, where), where)
+    size = offset + math.prod(shape) * dtype.itemsize
+    if size > len(comp) * _MAX_DEFLATE_RATIO:
+        raise InputError(where, f"header claims {size} bytes of image data but the compressed file has "
+                                f"only {len(comp)} bytes")
+    raw = _inflate(comp, where, size)
+    del comp
+    header, stored = nifti_from_bytes(raw, where)
+    klass = _nifti_class(raw, where)
+    check_scale_factors(float(header["scl_slope"]), float(header["scl_inter"]), where)
+    slope, inter = _slope_inter(header, where)
+    # the constructor keeps the header as is when the affine matches its best affine,
+    # and resets scl_slope/scl_inter as nib.load does (the proxy keeps them)
+    return klass(StoredVoxels(stored, slope, inter), header.get_best_affine(), header)
 
 
 def check_scale_factors(slope: float, inter: float, where: str) -> None:
@@ -842,26 +854,6 @@ def _slope_inter(header, where: str) -> tuple[float, float]:
     if not (np.isfinite(slope) and np.isfinite(inter)):
         raise InputError(where, f"scale factors are not finite (scl_slope={slope}, scl_inter={inter})")
     return slope, inter
-
-
-def apply_scaling(stored: np.ndarray, slope: float, inter: float, scaling: str):
-    """The dtype policy of :mod:`niconv.volume` for a linear scale: ``(data, unapplied scale or None)``.
-
-    Unscaled data are returned as stored; ``scaling="raw"`` returns the stored
-    values and ``(slope, inter)``; otherwise float32 values, stored * slope + inter
-    (the NIfTI-1 standard's rule), computed in place in Fortran order.
-    """
-    if slope == 1.0 and inter == 0.0:
-        return stored, None
-    if scaling == "raw":
-        return stored, (slope, inter)
-    # float32, scaled in place: 2x an int16 array instead of nibabel's float64 (4x)
-    out = stored.astype(np.float32, order="F")
-    if slope != 1.0:
-        out *= np.float32(slope)
-    if inter != 0.0:
-        out += np.float32(inter)
-    return out, None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -59,6 +59,10 @@ class OutputError(NiconvError, OSError):
     """An output cannot be written (read-only folder, disk full, path outside the output root)."""
 
 
+class LogError(NiconvError):
+    """A CSV log holds nothing a command can use (no readable row)."""
+
+
 class LockError(NiconvError):
     """Another live niconv run holds the lock on this output root."""
 

@@ -3,19 +3,28 @@
 One row per task result, appended and flushed by the parent process as results
 arrive, so a killed run leaves a valid log of everything finished. The columns
 are the fields of :class:`TaskResult`, in declared order: defined here only.
+
+The log is UTF-8 text. A path whose name is not valid UTF-8 (Python sees each
+undecodable byte as a lone surrogate, see :func:`os.fsdecode`) is written as
+its own bytes and read back to the same ``str``: the log's bytes for a path are
+exactly ``os.fsencode(path)``. :func:`read_log` skips and counts damaged lines
+instead of failing on them.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable
 
 import numpy as np
 
 STATUSES = ("ok", "failed", "skipped")
+# How log files are read and written: undecodable bytes of a file name pass through unchanged.
+ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,9 @@ class TaskResult:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TaskResult))
+# A header names at least the columns resume and verify read (up to sha256); more may follow ours.
+_MIN_HEADER = COLUMNS.index("sha256") + 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def fmt_shape(shape: Iterable) -> str:
@@ -86,7 +98,7 @@ class CsvLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _repair(self.path)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._file = open_log(self.path, "a")
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(COLUMNS)
@@ -124,13 +136,123 @@ def _repair(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
+def open_log(path: str | os.PathLike, mode: str = "r") -> IO[str]:
+    """Open a CSV log as text the way niconv writes them (UTF-8, paths byte for byte, csv newlines)."""
+    return open(path, mode, newline="", encoding=ENCODING, errors=ERRORS)
+
+
+@dataclass(frozen=True)
+class LogContents:
+    """What :func:`read_log` found in a log.
+
+    Attributes
+    ----------
+    rows : list of dict
+        The readable rows in file order, keyed by column name (every name of
+        :data:`COLUMNS`, plus any extra column the header names; ``""`` where
+        a row has no value).
+    damaged_lines : int
+        Non-blank lines that are neither a header nor a complete row (cut
+        short, run together, an unbalanced quote, bytes that are no row), skipped.
+    header_recovered : bool
+        True when the file does not start with a header line (it was lost or
+        damaged): its rows were read by :data:`COLUMNS`.
+    """
+
+    rows: list[dict] = field(default_factory=list)
+    damaged_lines: int = 0
+    header_recovered: bool = False
+
+
+def read_log(path: str | os.PathLike) -> LogContents:
+    """Read a CSV log, skipping and counting damaged lines; empty if the file is missing.
+
+    A record is one line, or several when a quoted field holds a line break (a
+    path with a newline in it). A line that does not make a complete row is
+    skipped on its own, so it never takes the rows after it along (as an
+    unbalanced quote would in a plain CSV reader). A row has the header's
+    columns or :data:`COLUMNS`, a task id and a known status, and an ``ok`` row
+    a byte count and a sha256. A header is a line whose columns agree with
+    :data:`COLUMNS` as far as both go (a newer niconv may add columns after
+    ours); without one the rows are read by :data:`COLUMNS`. A last line
+    without its line end was cut short: it is damaged.
+
+    Parameters
+    ----------
+    path : path-like
+        The log file.
+
+    Returns
+    -------
+    LogContents
+    """
+    try:
+        text = Path(path).read_bytes().decode(ENCODING, ERRORS)
+    except FileNotFoundError:
+        return LogContents()
+    *lines, cut = text.split("\n")
+    lines = [line + "\n" for line in lines]
+    names, widths = COLUMNS, {len(COLUMNS)}
+    # a last line without its line end is a write cut short, which the next run removes (CsvLog)
+    rows, damaged, first_is_header, i = [], int(bool(cut.strip())), None, 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        # a quoted field goes on over line breaks up to its closing quote: the quotes pair up
+        end, quotes = i + 1, lines[i].count('"')
+        while quotes % 2 and end < len(lines):
+            quotes += lines[end].count('"')
+            end += 1
+        record = _record(lines[i:end])
+        is_header = _is_header(record)
+        first_is_header = is_header if first_is_header is None else first_is_header
+        if is_header:
+            # rows have the header's columns, or ours when this niconv appended them
+            names, widths = max(tuple(record), COLUMNS, key=len), {len(record), len(COLUMNS)}
+        elif (row := _row(record, names, widths)) is not None:
+            rows.append(row)
+        else:
+            damaged += 1
+            end = i + 1  # skip only this line: the lines after it are read on their own
+        i = end
+    return LogContents(rows, damaged, first_is_header is False)
+
+
+def _record(lines: list[str]) -> list[str] | None:
+    """The fields of the single CSV record in ``lines``; None if they hold no record, or several."""
+    try:
+        records = list(csv.reader(lines))
+    except csv.Error:
+        return None
+    return records[0] if len(records) == 1 else None
+
+
+def _is_header(record: list[str] | None) -> bool:
+    n = min(len(record or ()), len(COLUMNS))
+    return n >= _MIN_HEADER and tuple(record[:n]) == COLUMNS[:n]
+
+
+def _row(record: list[str] | None, names: tuple[str, ...], widths: set[int]) -> dict | None:
+    """A record as a row keyed by ``names``, or None if it cannot be a complete row."""
+    if record is None or len(record) not in widths:
+        return None
+    row = dict(zip(names, record))
+    if len(record) < len(names):
+        row = dict.fromkeys(names, "") | row
+    if not row["task_id"] or row["status"] not in STATUSES:
+        return None
+    if row["status"] == "ok" and not (row["bytes_out"].isdigit() and _SHA256.fullmatch(row["sha256"])):
+        return None
+    return row
+
+
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """All rows of a log as dicts keyed by column name; ``[]`` if the file is missing."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    with open(p, newline="", encoding="utf-8") as f:
-        return [row for row in csv.DictReader(f) if row.get("task_id")]
+    """The readable rows of a log as dicts keyed by column name; ``[]`` if the file is missing.
+
+    Damaged lines are skipped: :func:`read_log` also counts them.
+    """
+    return read_log(path).rows
 
 
 def latest_by_task(rows: Iterable[dict]) -> dict[str, dict]:

@@ -72,3 +72,8 @@ def inside(root: str | os.PathLike, relative: str) -> Path:
     if Path(relative).is_absolute() or not (target == base or base in target.parents):
         raise OutputError(str(relative), f"output path would leave the output root {base}")
     return target
+
+
+def within(path: str, root: str) -> bool:
+    """True if ``path`` is ``root`` or lies below it; both absolute and normalised (real paths)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

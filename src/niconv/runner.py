@@ -8,6 +8,7 @@ per-file problem. The parent appends a log row per result as it arrives.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import platform
@@ -20,24 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, converters, worker
+from . import __version__, converters, dispatch
 from .config import Config
 from .limits import available_memory, cap_jobs
-from .lock import run_lock
-from .log import CsvLog, latest_by_task, read_rows, write_run_record
+from .lock import LOCK_FILE, run_lock
+from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
 from .volume import image_bytes
-from .worker import convert_batch, convert_one
-from .writers import remove_stale_temps
+from .writers import WriteScope, remove_stale_temps
 
 
 # How often the parent flushes finished outputs to disk (seconds).
 SYNC_SECONDS = 5.0
-# Dispatch batches: at most this many tasks, holding about this many bytes of input.
-BATCH_MAX_TASKS = 64
-BATCH_INPUT_BYTES = 16 * 2**20
-# How long a run waits for its worker processes to start before dispatching anyway (seconds).
-WORKER_START_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +46,14 @@ class Plan:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """Counts of a finished (or interrupted) run."""
+    """Counts of a finished (or interrupted) run.
+
+    ``error`` says what stopped the run early, if anything did (a full disk, a
+    read-only folder); ``unlogged`` counts results that reached this process but
+    could not be written to the log, and ``unlogged_reason`` says why (their
+    tasks are redone by the next run); ``log_damaged_lines`` counts the lines of
+    the log it skipped as damaged.
+    """
 
     total: int
     converted: int
@@ -63,6 +65,10 @@ class RunSummary:
     log_path: str
     interrupted: bool = False
     conversion_seconds: float = 0.0
+    error: str = ""
+    unlogged: int = 0
+    unlogged_reason: str = ""
+    log_damaged_lines: int = 0
 
     @property
     def files_per_second(self) -> float:
@@ -72,10 +78,11 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok or done, 1 any task failed, 130 interrupted."""
+        """0 all ok or done; 1 a task failed, a result could not be logged, or the run
+        stopped on an error (full disk, read-only folder); 130 interrupted."""
         if self.interrupted:
             return 130
-        return 1 if (self.failed or self.failed_before) else 0
+        return 1 if (self.failed or self.failed_before or self.error or self.unlogged) else 0
 
 
 def shard_log_path(log_path: Path, shard: tuple[int, int] | None) -> Path:
@@ -213,71 +220,11 @@ def _backend(config: Config, backend: str, scheduler: str | None):
         yield
 
 
-def _processes(width: int, **kwargs):
-    """The joblib dispatcher of a run. Local runs use loky processes that import the worker
-    modules as they start (the same arguments every time, so joblib reuses a started pool)."""
-    from joblib import Parallel
-    from joblib.parallel import get_active_backend
-
-    backend, _ = get_active_backend()
-    if type(backend).__name__ == "LokyBackend":
-        kwargs["initializer"] = worker.started
-    return Parallel(n_jobs=width, **kwargs)
-
-
-class Workers:
-    """Worker processes started in the background (:func:`start_workers`)."""
-
-    def __init__(self, width: int):
-        import threading
-
-        self.width = width
-        self.pids: set[int] = set()
-        self._thread = threading.Thread(target=self._start, name="niconv-start-workers", daemon=True)
-        self._thread.start()
-
-    def _start(self) -> None:
-        from joblib import delayed
-
-        # every worker has imported its modules once each has answered a ping; pings
-        # take a moment so that one ready worker cannot answer them all
-        deadline = time.monotonic() + WORKER_START_SECONDS
-        try:
-            while len(self.pids) < self.width and time.monotonic() < deadline:
-                self.pids.update(_processes(self.width)(delayed(worker.pid_after_start)() for _ in range(self.width)))
-        except Exception:  # noqa: BLE001 - only a head start; the run starts workers itself
-            pass
-
-    def ready(self) -> set[int]:
-        """Wait until every worker has started (one dispatcher at a time uses the pool).
-
-        Returns
-        -------
-        set of int
-            The process ids of the started workers.
-        """
-        self._thread.join()
-        return set(self.pids)
-
-
-def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
-    """Start ``jobs`` local worker processes in the background, so their start-up
-    (a fresh interpreter importing numpy, nibabel and niconv: about half a second)
-    overlaps the run's own preparation. None when the run needs no local processes.
-
-    Whoever starts them waits for :meth:`Workers.ready` before the process exits:
-    an interpreter that exits while loky is still starting its pool leaves workers
-    that print tracebacks and warnings."""
-    if backend != "loky" or jobs <= 1:
-        return None
-    return Workers(jobs)
-
-
 @contextlib.contextmanager
 def _local_pool(groups: list[tuple[int, list[Task]]], jobs: int, backend: str):
-    """Local workers for the groups that run side by side (else None), starting in the
-    background from here on; however the block ends, the pool has finished starting."""
-    workers = start_workers(jobs, backend) if any(width > 1 for width, _ in groups) else None
+    """Local workers when there is work for them (else None), starting in the background
+    from here on; however the block ends, the pool has finished starting."""
+    workers = dispatch.start_workers(jobs, backend) if groups else None
     try:
         yield workers
     finally:
@@ -331,7 +278,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     Raises
     ------
     LockError
-        If another live run holds this output tree (or shard).
+        If a live run holds this output tree: any other run, for a full run; a
+        full run or the same shard, for a shard run.
     """
     started = time.time()
     jobs = jobs or config.n_jobs
@@ -340,88 +288,111 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     if backend == "loky" or not (scheduler or config.cluster.jobqueue):
         jobs = cap_jobs(jobs)  # workers on this machine: no more than the CPUs it lets us use
     log_path = shard_log_path(config.log_path, shard)
-    lock_name = ".niconv.lock" if shard is None else f".niconv.shard-{shard[0]}-of-{shard[1]}.lock"
     counts = {"ok": 0, "skipped": 0, "failed": 0}
-    interrupted = False
-    with run_lock(Path(config.output.root) / lock_name), _sigterm_as_interrupt():
-        todo = plan(tasks, read_rows(log_path), force=force, retry_failed=retry_failed, shard=shard)
+    state = _RunState()
+    with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
+        # workers write only under the real output root; temporary names carry the tree's token
+        scope = WriteScope(os.path.realpath(config.output.root), token)
+        input_roots = [os.path.realpath(r) for r in config.input.root]
+
+        def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
+            remove_stale_temps(scope, input_roots)
+
+        logged = read_log(log_path)
+        todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
         with _local_pool(groups, jobs, backend) as workers:
-            remove_stale_temps(config.output.root)  # left by a killed run; live writers' files are kept
             bar = _progress(len(todo.pending), progress)
-            with CsvLog(log_path) as log:
-                try:
-                    if workers is not None:
-                        workers.ready()
-                    with _backend(config, backend, scheduler):
-                        synced = dispatched = last = time.monotonic()
-                        for width, group in groups:
-                            for result in _dispatch(group, width):
-                                last = time.monotonic()
-                                if last - synced > SYNC_SECONDS:
-                                    os.sync()  # outputs to disk in batches, not one fsync per file
-                                    synced = time.monotonic()
-                                log.append(result)
-                                counts[result.status] += 1
-                                bar.update(1)
-                                if counts["failed"]:
-                                    bar.set_postfix(failed=counts["failed"], refresh=False)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    # a worker stopped mid-write may not have removed its temporary file
-                    remove_stale_temps(config.output.root)
-                finally:
-                    bar.close()
-                    os.sync()
+            log = None
+            # from here on every failure ends in the summary and the run record, never a traceback
+            try:
+                remove_temps()
+                log = CsvLog(log_path)
+                if workers is not None:
+                    workers.ready()
+                with _backend(config, backend, scheduler):
+                    synced = dispatched = last = time.monotonic()
+                    for width, group in groups:
+                        for result in dispatch.results(group, width, jobs, scope, memory=estimate_memory,
+                                                       after_death=remove_temps):
+                            last = time.monotonic()
+                            if last - synced > SYNC_SECONDS:
+                                os.sync()  # outputs to disk in batches, not one fsync per file
+                                synced = time.monotonic()
+                            state.log(log, result)
+                            counts[result.status] += 1
+                            bar.update(1)
+                            if counts["failed"]:
+                                bar.set_postfix(failed=counts["failed"], refresh=False)
+            except KeyboardInterrupt:
+                state.interrupted = True
+                # a worker stopped mid-write may not have removed its temporary file
+                state.attempt(remove_temps, "removing temporary files")
+            except Exception as exc:  # noqa: BLE001 - the run ends with a summary and a record
+                state.fail(exc, "converting")
+            finally:
+                bar.close()
+                if log is not None:
+                    state.attempt(log.close, f"closing the log {log_path}")
+                os.sync()
         summary = RunSummary(
             total=len(todo.pending) + len(todo.done) + len(todo.failed_before),
             converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],
             already_done=len(todo.done), failed_before=len(todo.failed_before),
-            seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=interrupted,
-            conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0)
-        write_run_record(run_record_path(log_path), _record(config, tasks, summary, started, jobs, backend, shard))
+            seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=state.interrupted,
+            conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0,
+            error=state.error, unlogged=state.unlogged, unlogged_reason=state.unlogged_reason,
+            log_damaged_lines=logged.damaged_lines)
+        record = _record(config, tasks, summary, started, jobs, backend, shard)
+        if not state.attempt(lambda: write_run_record(run_record_path(log_path), record), "writing the run record"):
+            summary = dataclasses.replace(summary, error=state.error)
     return summary
 
 
-def batches(tasks: list[Task], width: int) -> list[list[Task]]:
-    """Split tasks into the batches sent to workers, large first and shrinking to one task.
+class _RunState:
+    """What went wrong during a run, gathered so the run can still end with a summary."""
 
-    A round trip to a worker costs about a millisecond, so tiny files travel
-    together, up to :data:`BATCH_MAX_TASKS` per batch; a batch holds about
-    :data:`BATCH_INPUT_BYTES` of input, so large volumes go one by one. Each
-    batch is a quarter of what is left per worker (guided self-scheduling), so
-    the last batches are single tasks and no worker idles while another
-    finishes a long batch at the end.
-    """
-    if not tasks:
-        return []
-    mean_bytes = max(1, sum(t.bytes_in for t in tasks) // len(tasks))
-    cap = max(1, min(BATCH_MAX_TASKS, BATCH_INPUT_BYTES // mean_bytes))
-    out, i = [], 0
-    while i < len(tasks):
-        size = max(1, min(cap, (len(tasks) - i) // (4 * width)))
-        out.append(list(tasks[i:i + size]))
-        i += size
-    return out
+    def __init__(self):
+        self.interrupted = False
+        self.error = ""
+        self.unlogged = 0
+        self.unlogged_reason = ""
+
+    def fail(self, exc: BaseException, doing: str) -> None:
+        """Record the first error that stopped the run (later ones follow from it)."""
+        if not self.error:
+            self.error = f"{doing}: {_describe(exc)}"
+
+    def attempt(self, step, doing: str) -> bool:
+        """Run ``step()``; on an error, record it and return False."""
+        try:
+            step()
+            return True
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc, doing)
+            return False
+
+    def log(self, log: CsvLog, result) -> None:
+        """Append a result's row; a row that cannot be written is counted, and the run goes on."""
+        try:
+            log.append(result)
+        except OSError as exc:
+            self.unlogged += 1
+            self.unlogged_reason = self.unlogged_reason or _describe(exc)
 
 
-def _dispatch(tasks: list[Task], width: int):
-    """Results of ``convert_one`` over ``tasks`` as they complete (any order)."""
-    if width <= 1:
-        # in-process: same worker function, no process pool
-        for t in tasks:
-            yield convert_one(t)
-        return
-    from joblib import delayed
+def _describe(exc: BaseException) -> str:
+    """An error in words: niconv's own message, an OS error's cause and file, else the exception."""
+    from .errors import NiconvError
+    from .writers import _why
 
-    gen = _processes(width, return_as="generator_unordered", batch_size=1)(
-        delayed(convert_batch)(b) for b in batches(tasks, width))
-    try:
-        for results in gen:
-            yield from results
-    finally:
-        gen.close()  # on Ctrl-C: joblib terminates the workers
+    if isinstance(exc, NiconvError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{_why(exc)}{where}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _progress(total: int, enabled: bool):
@@ -465,4 +436,7 @@ def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: in
         "counts": {"converted": summary.converted, "skipped": summary.skipped, "failed": summary.failed,
                    "already_done": summary.already_done, "failed_before": summary.failed_before},
         "interrupted": summary.interrupted,
+        "error": summary.error or None,
+        "unlogged_results": summary.unlogged,
+        "log_damaged_lines": summary.log_damaged_lines,
     }

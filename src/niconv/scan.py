@@ -2,8 +2,10 @@
 
 Each input maps to one output path under the output root (mirroring the input
 tree by default, so names never collide); a collision is an error before any
-work starts. Files that pair with an input (a reference image, a label map) are
-found by pattern and are not converted on their own.
+work starts, and so is any output that could write an input or leave the real
+output root (:func:`niconv.safety.check_plan`). Files that pair with an input
+(a reference image, a label map) are found by pattern and are not converted on
+their own.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .config import Config
 from .errors import OutputError, ScanError
 from .manifest import Task, task_id
 from .paths import inside
+from .safety import check_plan, show_some
 from .volume import ARRAY_SUFFIXES, IMAGE_SUFFIXES, image_stem
 from .writers import TEMP_PREFIX
 
@@ -43,7 +46,11 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     Raises
     ------
     ScanError
-        If an input root does not exist, or two inputs would write the same output.
+        If an input root does not exist, two inputs would write the same output,
+        a pairing pattern pairs an input with itself, or an output could write an
+        input or land outside the real output root (:func:`niconv.safety.check_plan`).
+    ConfigError
+        If the log or run record is an input, or exists and is not niconv's.
     """
     conv = converters.get(config.convert.to)
     options = config.convert
@@ -51,12 +58,13 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     exclude = list(config.input.exclude)
     out_root = Path(config.output.root)
     roles = conv.pairs(options)
+    scanned = _matcher(include, exclude)
 
     found: list[tuple[Path, str]] = []
     for root in config.input.root:
         if not root.is_dir():
             raise ScanError("input.root", f"expected an existing folder, found {'a file' if root.exists() else 'nothing'} at {root}")
-        found.extend((root, rel) for rel in _walk(root, include, exclude, out_root))
+        found.extend((root, rel) for rel in _walk(root, scanned, out_root))
 
     # a file that is another input's pair (its label map, its reference) is not an input itself
     paired: set[str] = set()
@@ -65,6 +73,8 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         pairs = tuple((role, _find_pair(root, rel, spec)) for role, spec in sorted(roles.items()))
         paired.update(os.path.abspath(p) for _, p in pairs if p)
         resolved_pairs.append(pairs)
+    _refuse_self_pairs(found, resolved_pairs, roles, options)
+    sources = [str(root / rel) for root, rel in found] + sorted(paired)
 
     tasks: list[Task] = []
     owners: dict[str, list[str]] = defaultdict(list)
@@ -84,6 +94,7 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
                     "pairs": {role: (_identity(Path(p), config.input.identity) | {"path": str(p)}) if p else None
                               for role, p in pairs}}
         companions = _companions(src)
+        sources.extend(str(c) for c in companions)
         if companions:  # the voxels of an .hdr live in its .img: a changed .img is a changed input
             identity["companions"] = {c.name: _identity(c, config.input.identity) for c in companions}
         tasks.append(Task(
@@ -101,25 +112,57 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         lines = [f"{out} <- {', '.join(srcs)}" for out, srcs in sorted(clashes.items())]
         raise ScanError("output", f"{len(clashes)} output(s) would be written by more than one input "
                                   f"(use output.layout: mirror, or exclude one of them):\n  " + "\n  ".join(lines))
-    return tuple(tasks)
+    tasks = tuple(tasks)
+    check_plan(config, tasks, sources, scanned)
+    return tasks
 
 
-def _walk(root: Path, include: list[str], exclude: list[str], out_root: Path):
-    """Relative POSIX paths under ``root`` matching ``include`` and not ``exclude``, sorted."""
-    out_abs = os.path.abspath(out_root)
+def _matcher(include: list[str], exclude: list[str]):
+    """``scanned(rel)``: True if the relative POSIX path matches ``include`` and not ``exclude``."""
     # compiled once: matching a thousand names is then a regex call each
     included = wglob.compile(include, flags=_GLOB_FLAGS)
     excluded = wglob.compile(exclude, flags=_GLOB_FLAGS) if exclude else None
+    return lambda rel: bool(included.match(rel)) and not (excluded and excluded.match(rel))
+
+
+def _walk(root: Path, scanned, out_root: Path):
+    """Relative POSIX paths under ``root`` that ``scanned`` takes, sorted."""
+    out_id = _folder_id(out_root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        # never convert our own outputs when the output root sits inside an input root
-        dirnames[:] = sorted(d for d in dirnames if os.path.abspath(os.path.join(dirpath, d)) != out_abs)
+        # never convert our own outputs when the output root sits inside an input root, however
+        # either root is reached: a folder is the output root if it is the same folder on disk
+        if out_id is not None:
+            dirnames[:] = [d for d in dirnames if _folder_id(os.path.join(dirpath, d)) != out_id]
+        dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
         for name in sorted(filenames + dirnames):
             if name.startswith(TEMP_PREFIX):
                 continue
             rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
-            if included.match(rel) and not (excluded and excluded.match(rel)):
+            if scanned(rel):
                 yield rel
+
+
+def _folder_id(path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, symlinks followed; None if it cannot be reached."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _refuse_self_pairs(found, resolved_pairs, roles: dict, options) -> None:
+    """A pairing pattern that finds the input itself (``{name}`` beside it) would leave nothing to convert."""
+    for role, (pattern, _root, _required) in sorted(roles.items()):
+        selves = [str(root / rel) for (root, rel), pairs in zip(found, resolved_pairs)
+                  if (p := dict(pairs)[role]) and os.path.realpath(p) == os.path.realpath(root / rel)]
+        if selves:
+            key = next((name for name, value in options if value == pattern), role)
+            raise ScanError(f"convert.{key}", f"the pattern {pattern!r} pairs {len(selves)} input(s) with "
+                                              f"themselves ({show_some(selves)}): a {role} must be another file, e.g. "
+                                              f"'{{stem}}_{role}.nii.gz', or the same name in another folder "
+                                              f"(convert.{key}_root)")
 
 
 def _find_pair(root: Path, rel: str, spec) -> str | None:

@@ -1,16 +1,26 @@
-"""Reading images: every format nibabel reads, checked before allocating, no float64 blow-ups.
+"""Reading images: every volume nibabel reads, checked before allocating, no float64 copies.
+
+Every reader goes through :func:`image_data`, which applies each format's own
+scaling and gives the voxels in ``(X, Y, Z[, T, ...])`` order.
 
 Dtype policy (the ``scaling`` argument of :func:`read_volume`)
 ----------------------------------------------------------------
 ``"float32"`` (default)
-    Images whose stored values are scaled on load (NIfTI/Analyze ``scl_slope`` /
-    ``scl_inter`` per the NIfTI-1 standard, SPM Analyze ``funused1``, MINC
-    image-min/max, PAR/REC scale factors) yield nibabel's scaled values as
-    ``float32``. Unscaled images keep their stored dtype exactly (``int16`` stays
-    ``int16``); big-endian data is returned in native byte order.
+    Images whose stored values are scaled on load yield nibabel's values
+    (``np.asanyarray(img.dataobj)``, computed in float64) rounded once to
+    ``float32``: NIfTI/Analyze ``scl_slope`` / ``scl_inter``, SPM Analyze
+    ``funused1``, AFNI ``BRICK_FLOAT_FACS`` (one factor per volume), PAR/REC
+    per-slice scale factors, MINC image-min/image-max. Unscaled images keep
+    their stored dtype exactly (``int16`` stays ``int16``); big-endian data
+    is returned in native byte order.
 ``"raw"``
-    The stored integers as they are in the file, and the linear slope/intercept
-    in :attr:`Volume.scaling` so a writer can save them beside the array.
+    The stored values as they are in the file, and in :attr:`Volume.scaling`
+    the :class:`Scale` that gives the values (stored * slope + inter), so a
+    writer can save it beside the array: a slope and an intercept for
+    NIfTI/Analyze, arrays that broadcast against the data for AFNI (per
+    volume) and PAR/REC (per slice). Refused for scaled MINC files, whose
+    values are not a slope and intercept of the stored values (they are
+    clipped to the valid range first). MGH files are never scaled.
 """
 from __future__ import annotations
 
@@ -28,11 +38,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
+from nibabel.brikhead import AFNIImage
 from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
+from nibabel.parrec import PARRECImage
+from nibabel.spatialimages import HeaderDataError, SpatialImage
 
 from . import codec
-from .errors import InputError, SkippedInput
+from .errors import InputError, SkippedInput, UnsupportedInput
 
 # Entry-point file name endings (lower case) that a scan picks up by default. Companion
 # files (.img of an .hdr pair, .rec of PAR, .brik of AFNI) are read through their entry point.
@@ -60,27 +72,33 @@ class Volume:
     image : nibabel.spatialimages.SpatialImage
         The nibabel image (header, affine); its data is not loaded again.
     data : numpy.ndarray
-        Voxel array, shape ``(X, Y, Z[, T, ...])`` in the file's voxel order,
-        dtype per the module's dtype policy.
-    scaling : tuple of float or None
-        ``(slope, intercept)`` of a linear scale that ``data`` does *not* have
-        applied (``scaling="raw"``), else None.
+        Voxel array, shape ``(X, Y, Z[, T, ...])``: the file's voxel order with
+        the space axes first (see :func:`voxel_axes`), dtype per the module's
+        dtype policy.
+    scaling : Scale or None
+        The scaling that ``data`` does *not* have applied (``scaling="raw"``
+        on a scaled image), else None.
+    axes : tuple of int or None
+        The file axis each axis of ``data`` comes from (MINC with time
+        first), or None when ``data`` is in file order.
     """
 
     path: str
     image: object
     data: np.ndarray
-    scaling: tuple[float, float] | None = None
+    scaling: Scale | None = None
+    axes: tuple[int, ...] | None = None
 
     @property
     def affine(self) -> np.ndarray:
-        """Voxel-to-world (RAS+ mm) affine, shape ``(4, 4)``, float64."""
+        """Voxel-to-world (RAS+ mm) affine of the first three axes of ``data``, shape ``(4, 4)``, float64."""
         return np.asarray(self.image.affine, dtype=np.float64)
 
     @property
     def zooms(self) -> tuple[float, ...]:
-        """Voxel sizes from the header (mm; seconds for a time axis)."""
-        return tuple(float(z) for z in self.image.header.get_zooms())
+        """Voxel sizes of ``data``'s axes from the header (mm; seconds for a time axis)."""
+        zooms = tuple(float(z) for z in self.image.header.get_zooms())
+        return zooms if self.axes is None else tuple(zooms[i] for i in self.axes)
 
     @property
     def axcodes(self) -> str:
@@ -142,14 +160,17 @@ def check_input_file(path: str | os.PathLike) -> Path:
 def load_image(path: str | os.PathLike):
     """Open an image with nibabel, header only, after checking the file.
 
-    Beyond nibabel's own checks, the header must describe data the file can
-    hold (rejected before any voxel is allocated), a header/data pair must have
-    its data file, and NIfTI scale factors must be finite numbers.
+    Beyond nibabel's own checks, the image must be a volume with an affine
+    (:func:`check_volume`), the header must describe data the file can hold
+    (rejected before any voxel is allocated), a header/data pair must have its
+    data file, and NIfTI scale factors must be finite numbers.
 
     Raises
     ------
     MissingInput, InputError, SkippedInput
         For a missing, unreadable or corrupt file, or a format nibabel cannot read.
+    UnsupportedInput
+        For an image that is not a volume with an affine (CIFTI-2, GIFTI).
     """
     p = check_input_file(path)
     if _is_dicom(p):
@@ -164,9 +185,12 @@ def load_image(path: str | os.PathLike):
                 raise
             img = _load_as_named(p)
     except FileNotFoundError as exc:  # a missing companion file (.img of .hdr, .REC of .PAR)
-        raise InputError(str(p), f"companion data file missing: {exc.filename or exc}") from exc
+        missing = Path(exc.filename).name if exc.filename else "data file"
+        raise InputError(str(p), f"the data file {missing} that belongs to this header is missing "
+                                 "(a header/data pair needs both files side by side)") from exc
     except Exception as exc:  # nibabel format readers raise many types for corrupt files
         raise InputError(str(p), _load_failure(p, exc)) from exc
+    check_volume(img, str(p))
     _check_companion(p, img)
     _check_data_size(p, img)
     _check_scale_factors(p, img)
@@ -203,6 +227,8 @@ def _load_failure(p: Path, exc: BaseException) -> str:
         return (f"the scale factor scl_inter in the header is {m.group(1)}, not a finite number, "
                 "so the voxel values cannot be computed (damaged header)")
     if isinstance(exc, ImageFileError):
+        if text.startswith("Cannot work out file type"):
+            return "not an image niconv can read: nibabel recognises neither its name nor its content"
         return f"not an image nibabel can read ({text})"
     if isinstance(exc, (HeaderDataError, ValueError, KeyError, struct.error)):
         return f"invalid header: {text}"
@@ -210,7 +236,7 @@ def _load_failure(p: Path, exc: BaseException) -> str:
         return f"file is truncated or not valid gzip ({text})"
     if isinstance(exc, OSError):
         return f"cannot read: {text}"
-    return f"cannot read image header ({type(exc).__name__}: {text})"
+    return f"cannot read the image header: {text}"
 
 
 # magic bytes of formats a cohort folder may hold by mistake, for messages only
@@ -269,18 +295,20 @@ def _check_scale_factors(p: Path, img) -> None:
 
 
 def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
-    """Read an image and its voxel array without float64 copies.
+    """Read an image and its voxel array, per the dtype policy, without float64 copies.
 
     Parameters
     ----------
     path : str or path-like
-        Any image nibabel reads (NIfTI-1/2, Analyze, MGH/MGZ, MINC1/2, PAR/REC, AFNI).
+        Any volume nibabel reads (NIfTI-1/2, Analyze/SPM, MGH/MGZ, MINC1/2,
+        PAR/REC, AFNI).
     scaling : {"float32", "raw"}
         Dtype policy for scaled images; see the module docstring.
 
     Returns
     -------
     Volume
+        ``data`` in ``(X, Y, Z[, T, ...])`` order, see :func:`image_data`.
 
     Raises
     ------
@@ -289,59 +317,299 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
     InputError
         If it is not a readable image, is truncated, its header is invalid, or
         it has no voxels (a zero in its shape).
+    UnsupportedInput
+        If it is not a volume with an affine (CIFTI-2, GIFTI), or ``scaling="raw"``
+        is asked of a format whose scaling is not a slope and intercept (MINC).
     SkippedInput
         For DICOM files (not supported yet).
     """
     p = str(path)
-    fast = _read_nifti_gz(p, scaling) if p.lower().endswith(".nii.gz") else None
-    if fast is not None:
-        img, data, linear = fast
-    else:
-        img, data, linear = _read_voxels(load_image(path), p, scaling)
+    img = _open_nifti_gz(p) if p.lower().endswith(".nii.gz") else None
+    if img is None:
+        img = load_image(p)
+    data, scale = image_data(img, scaling, p)
     if data.size == 0:
         raise InputError(p, f"the image has no voxels: its header gives the shape {_fmt_shape(data.shape)}")
     if data.dtype.kind in "fc" and not _any_finite(data):
         raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
-    return Volume(path=p, image=img, data=data, scaling=linear)
+    if scale is None and isinstance(img.dataobj, codec.StoredVoxels) and data is not img.dataobj.get_unscaled():
+        # keep the values, not the inflated stored values too, for as long as the volume lives
+        img = type(img)(data, img.affine, img.header)
+    return Volume(path=p, image=img, data=data, scaling=scale, axes=voxel_axes(img, p))
 
 
-def _read_nifti_gz(p: str, scaling: str):
-    """The common case in one pass: one libdeflate call, one header parse (no ``nib.load``).
-
-    Returns ``(image, data, linear)``, or None when the file is not a sound
-    single-file NIfTI: then :func:`load_image` and nibabel's reader word the problem.
-    """
+def _open_nifti_gz(p: str):
+    """The common case in one pass (:func:`niconv.codec.open_nifti`), or None when the file is
+    not a sound single-file NIfTI: then :func:`load_image` and nibabel's reader word the problem."""
     check_input_file(p)
     try:
-        return codec.read_nifti(p, scaling)
+        return codec.open_nifti(p)
     except codec.OverlongStream:
-        raise  # the header is sound; reading the file again would stop at the same place
+        raise  # the header is sound; nibabel would read the image and ignore the rest of the stream
     except InputError:
         return None
     except MemoryError as exc:
         raise InputError(p, "not enough memory to read the voxels") from exc
 
 
-def _read_voxels(img, p: str, scaling: str):
-    """``(image, data, linear)`` of an image opened by :func:`load_image`: voxels per the
-    dtype policy, in native byte order."""
+# ---------------------------------------------------------------------------------------------
+# the dtype policy: one path for every format
+
+# scaling computes in float64 a block at a time, never on a float64 copy of the volume: blocks of
+# 64 Ki voxels (512 KiB of float64 for the stored values, as much for the results: about 1 MiB in
+# cache) are faster than both smaller and larger ones
+_BLOCK_BYTES = 1 << 19
+# NIfTI intent codes 3000-3099 are CIFTI's (connectivity matrices, dense scalars, ...)
+_CIFTI_INTENTS = range(3000, 3100)
+_FORMAT_NAMES = {
+    "Nifti1Image": "NIfTI-1", "Nifti2Image": "NIfTI-2", "Nifti1Pair": "NIfTI-1 pair", "Nifti2Pair": "NIfTI-2 pair",
+    "AnalyzeImage": "Analyze", "Spm99AnalyzeImage": "SPM Analyze", "Spm2AnalyzeImage": "SPM Analyze",
+    "MGHImage": "MGH", "Minc1Image": "MINC1", "Minc2Image": "MINC2", "PARRECImage": "PAR/REC",
+    "AFNIImage": "AFNI", "Cifti2Image": "CIFTI-2", "GiftiImage": "GIFTI surface data",
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How a format turns stored values into the values nibabel gives.
+
+    Attributes
+    ----------
+    slope, inter : float, numpy.ndarray or None
+        Linear formats: value = stored * slope + inter, computed in float64.
+        Floats for NIfTI / Analyze (``scl_slope``, ``scl_inter``, SPM's
+        ``funused1``); float64 arrays with the data's number of dimensions that
+        broadcast against it for AFNI (one factor per volume, shape
+        ``(1, 1, 1, T)``, intercept 0.0) and PAR/REC (per slice, shape
+        ``(1, 1, Z[, T])``). None for MINC, whose values nibabel computes from
+        image-min/image-max per slice after clipping to the valid range.
+    kind : str
+        The scaling in words, e.g. ``"per slice (PAR/REC)"``.
+    """
+
+    slope: float | np.ndarray | None
+    inter: float | np.ndarray | None
+    kind: str
+
+    @property
+    def linear(self) -> bool:
+        """True if the values are ``stored * slope + inter``."""
+        return self.slope is not None
+
+    def __str__(self) -> str:
+        if self.linear and np.ndim(self.slope) == 0 and np.ndim(self.inter) == 0:
+            return f"scl_slope={float(self.slope):g} scl_inter={float(self.inter):g}"
+        return self.kind
+
+
+def format_name(img) -> str:
+    """A format's usual name (``NIfTI-1``, ``MINC2``, ``PAR/REC``) for messages."""
+    name = type(img).__name__
+    return _FORMAT_NAMES.get(name, name.removesuffix("Image"))
+
+
+def check_volume(img, where: str = "") -> None:
+    """Refuse images that are not volumes with an affine, before anything is written.
+
+    Raises
+    ------
+    UnsupportedInput
+        For CIFTI-2 (a ``Cifti2Image``, or NIfTI-2 with a CIFTI intent code),
+        GIFTI, and any image without a ``(4, 4)`` affine.
+    """
+    header = getattr(img, "header", None)
+    if isinstance(img, nib.Cifti2Image) or (
+            isinstance(header, nib.Nifti1Header) and int(header["intent_code"]) in _CIFTI_INTENTS):
+        raise UnsupportedInput(where, "CIFTI-2 matrix, not a volume: niconv converts volumes with an affine")
+    affine = getattr(img, "affine", None)
+    if not isinstance(img, SpatialImage) or affine is None or np.shape(affine) != (4, 4):
+        raise UnsupportedInput(where, f"{format_name(img)}, not a volume: niconv converts volumes with an affine")
+
+
+def voxel_axes(img, where: str = "") -> tuple[int, ...] | None:
+    """The file axis each axis of :func:`image_data`'s array comes from, or None for file order.
+
+    Every format stores the three space axes first, except MINC, whose
+    dimension names (``xspace``, ``yspace``, ``zspace``, ``time``, ...) may
+    come in any order, usually time first. nibabel's MINC affine describes
+    the space dimensions in their file order, so moving the space axes first
+    (keeping their order) and the others after gives ``(X, Y, Z, T)`` with the
+    affine describing the first three axes, as for every other format.
+
+    Raises
+    ------
+    UnsupportedInput
+        A MINC file whose dimension names cannot be read, or that does not
+        have exactly three space dimensions.
+    """
+    if not isinstance(img, nib.Minc1Image):
+        return None
+    names = getattr(getattr(img.dataobj, "minc_file", None), "_dim_names", None)
+    if names is None or len(names) != len(img.shape):
+        if len(img.shape) == 3:
+            return None  # three axes, and the affine describes three: nothing to reorder
+        raise UnsupportedInput(where, f"cannot read the MINC dimension names of this {len(img.shape)}D image, "
+                                      "so which axes are space and which is time is unknown")
+    names = [n.decode("latin-1") if isinstance(n, bytes) else str(n) for n in names]
+    space = [i for i, n in enumerate(names) if n.endswith("space")]
+    other = [i for i, n in enumerate(names) if not n.endswith("space")]
+    if len(space) != 3:
+        raise UnsupportedInput(where, f"MINC dimensions ({', '.join(names)}) hold {len(space)} space "
+                                      "dimension(s): niconv converts volumes with three (xspace, yspace, zspace)")
+    order = tuple(space + other)
+    return None if order == tuple(range(len(names))) else order
+
+
+def format_scale(img, where: str = "") -> Scale | None:
+    """The scaling the image's format applies on load, from the header alone; None if unscaled.
+
+    Raises
+    ------
+    InputError
+        For non-finite NIfTI/Analyze scale factors.
+    """
+    proxy = img.dataobj
+    ndim = len(img.shape)
+    if isinstance(img, AFNIImage):  # before ArrayProxy: its own factors, not slope/inter
+        factors = proxy.scaling
+        if factors is None:
+            return None
+        return Scale(_per_axis(factors, ndim), 0.0, "one factor per volume (AFNI BRICK_FLOAT_FACS)")
+    if isinstance(img, PARRECImage):
+        factors = img.header.get_data_scaling("dv")  # nib.load's default scaling
+        if factors is None:
+            return None
+        slope, inter = (_per_axis(f, ndim) for f in factors)
+        return Scale(slope, inter, "per slice (PAR/REC)")
+    if hasattr(proxy, "get_unscaled") and hasattr(proxy, "slope"):  # NIfTI, Analyze/SPM, MGH
+        slope, inter = float(proxy.slope), float(proxy.inter)
+        if not (np.isfinite(slope) and np.isfinite(inter)):
+            raise InputError(where, f"scale factors are not finite (scl_slope={slope}, scl_inter={inter})")
+        return None if (slope, inter) == (1.0, 0.0) else Scale(slope, inter, "scl_slope/scl_inter")
+    if isinstance(proxy, np.ndarray) or np.dtype(img.get_data_dtype()).kind not in "iu":
+        return None  # an array in memory holds the values; MINC does not scale floats
+    return Scale(None, None, "image-min/image-max per slice, after clipping to the valid range")
+
+
+def _per_axis(factors, ndim: int) -> np.ndarray:
+    """Scale factors as float64 with ``ndim`` dimensions: leading length-1 axes added."""
+    f = np.asarray(factors, dtype=np.float64)
+    return f.reshape((1,) * (ndim - f.ndim) + f.shape)
+
+
+def image_data(img, scaling: str = "float32", where: str = "") -> tuple[np.ndarray, Scale | None]:
+    """The voxels of an opened image per the dtype policy: the one way niconv reads values.
+
+    Parameters
+    ----------
+    img : nibabel.spatialimages.SpatialImage
+        As :func:`load_image` or :func:`niconv.codec.open_nifti` open it.
+    scaling : {"float32", "raw"}
+        See the module docstring.
+    where : str
+        The file name, for messages.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        Shape ``(X, Y, Z[, T, ...])`` (the space axes first, also for MINC,
+        see :func:`voxel_axes`), native byte order. Unscaled images: the stored
+        values in their stored dtype. Scaled, ``"float32"``: nibabel's values
+        (``np.asanyarray(img.dataobj)``, computed in float64) rounded once to
+        float32 (complex64 for complex data), computed a block at a time.
+        Scaled, ``"raw"``: the stored values.
+    scale : Scale or None
+        The scaling ``data`` does *not* have applied (``"raw"`` on a scaled
+        image; its arrays follow ``data``'s axes), else None.
+
+    Raises
+    ------
+    UnsupportedInput
+        Not a volume with an affine (:func:`check_volume`), a MINC axis order
+        that cannot be told, or ``"raw"`` for a format whose scaling is not
+        linear (MINC).
+    InputError
+        Unreadable, truncated or corrupt voxel data, or not enough memory.
+    """
+    if scaling not in ("float32", "raw"):
+        raise ValueError(f"scaling must be 'float32' or 'raw'; found {scaling!r}")
+    check_volume(img, where)
+    axes = voxel_axes(img, where)
+    scale = format_scale(img, where)
+    if scale is not None and scaling == "raw" and not scale.linear:
+        raise UnsupportedInput(where, f"scaling: raw is not available for {format_name(img)} files, whose values "
+                                      f"are not stored * slope + inter ({scale.kind}); use scaling: float32")
     try:
-        if _is_nifti_gz(img, p):
-            # one libdeflate call into one buffer; the voxels are a view of it (no second copy)
-            img, data, linear = codec.read_nifti(p, scaling)
+        if scale is None or scaling == "raw":
+            data = _native(_stored(img))
+        elif scale.linear:
+            data, scale = _scaled_float32(_stored(img), scale.slope, scale.inter, where), None
         else:
-            data, linear = _read_data(img, scaling)
+            data, scale = _float32_blocks(img.dataobj), None
     except InputError:
         raise
     except MemoryError as exc:
-        raise InputError(p, f"not enough memory to load {img.shape} voxels") from exc
+        raise InputError(where, f"not enough memory to load {_fmt_shape(img.shape)} voxels") from exc
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(p, f"file is truncated or its compressed data is corrupt ({_first_line(exc)})") from exc
-    except Exception as exc:
-        raise InputError(p, f"cannot read voxel data ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise InputError(where, f"file is truncated or its compressed data is corrupt ({_first_line(exc)})") from exc
+    except Exception as exc:  # format readers raise many types for damaged data
+        raise InputError(where, f"cannot read the voxel data: {_first_line(exc)}") from exc
+    if axes is not None:
+        data = data.transpose(axes)
+        if scale is not None:
+            scale = Scale(*(np.transpose(f, axes) if np.ndim(f) else f for f in (scale.slope, scale.inter)),
+                          scale.kind)
+    return data, scale
+
+
+def _stored(img) -> np.ndarray:
+    proxy = img.dataobj
+    return proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+
+
+def _native(data: np.ndarray) -> np.ndarray:
     if not data.dtype.isnative and data.dtype.fields is None:
-        data = data.astype(data.dtype.newbyteorder("="))
-    return img, data, linear
+        return data.astype(data.dtype.newbyteorder("="))
+    return data
+
+
+def _scaled_float32(stored: np.ndarray, slope, inter, where: str) -> np.ndarray:
+    """``stored * slope + inter`` as nibabel computes it (float64, the same operations in the
+    same order), rounded once to float32, one block of about 1 MiB at a time."""
+    if stored.dtype.fields is not None:
+        raise InputError(where, f"colour voxels ({stored.dtype}) with scale factors: a scale applies to numbers")
+    wide = np.dtype(np.complex128 if stored.dtype.kind == "c" else np.float64)
+    out = np.empty_like(stored, dtype=np.complex64 if wide.kind == "c" else np.float32, subok=False)
+    # nibabel multiplies only by a slope other than 1 and adds only an intercept other than 0;
+    # array factors (per volume, per slice) are always applied
+    multiply = np.ndim(slope) > 0 or slope != 1.0
+    add = np.ndim(inter) > 0 or inter != 0.0
+    arrays = [f for f in (slope, inter) if np.ndim(f) > 0]
+    it = np.nditer([stored, out, *arrays], flags=["external_loop", "buffered", "zerosize_ok"],
+                   op_flags=[["readonly"], ["writeonly"]] + [["readonly"]] * len(arrays),
+                   op_dtypes=[wide] * (2 + len(arrays)), casting="same_kind",
+                   buffersize=_BLOCK_BYTES // wide.itemsize)
+    with it:
+        for x, o, *factors in it:
+            a = factors.pop(0) if np.ndim(slope) > 0 else slope
+            b = factors.pop(0) if np.ndim(inter) > 0 else inter
+            if multiply:
+                np.multiply(x, a, out=o)
+            else:
+                o[...] = x
+            if add:
+                np.add(o, b, out=o)
+    return out
+
+
+def _float32_blocks(proxy) -> np.ndarray:
+    """nibabel's own values, float64 a block of leading-axis slices at a time, rounded to float32."""
+    shape = tuple(int(s) for s in proxy.shape)
+    out = np.empty(shape, dtype=np.float32)
+    step = max(1, _BLOCK_BYTES // max(8 * math.prod(shape[1:]), 1))
+    for start in range(0, shape[0] if shape else 0, step):
+        out[start:start + step] = proxy[start:start + step]
+    return out
 
 
 def _any_finite(data: np.ndarray, block: int = 1 << 20) -> bool:
@@ -351,26 +619,6 @@ def _any_finite(data: np.ndarray, block: int = 1 << 20) -> bool:
         if np.isfinite(flat[start:start + block]).any():
             return True
     return False
-
-
-def _is_nifti_gz(img, p: str) -> bool:
-    return isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and p.lower().endswith(".gz")
-
-
-def _read_data(img, scaling: str) -> tuple[np.ndarray, tuple[float, float] | None]:
-    proxy = img.dataobj
-    if isinstance(proxy, ArrayProxy) and hasattr(proxy, "slope"):
-        slope, inter = float(proxy.slope), float(proxy.inter)
-        if not (np.isfinite(slope) and np.isfinite(inter)):
-            raise InputError(proxy.file_like if isinstance(proxy.file_like, str) else "",
-                             f"scale factors are not finite (scl_slope={slope}, scl_inter={inter})")
-        return codec.apply_scaling(proxy.get_unscaled(), slope, inter, scaling)
-    data = np.asanyarray(proxy)
-    stored_dtype = np.dtype(img.get_data_dtype())
-    if data.dtype == np.float64 and stored_dtype != np.float64:
-        # a per-slice scaled format (MINC, PAR/REC): nibabel returns float64
-        data = data.astype(np.float32)
-    return data, None
 
 
 def image_bytes(path: str | os.PathLike) -> int | None:

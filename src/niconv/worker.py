@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +18,57 @@ from . import converters
 from .errors import NiconvError, SkippedInput
 from .log import TaskResult, fmt_shape, fmt_zooms
 from .manifest import Task
+from .writers import WriteScope, writing_into
 
 
-def convert_one(task: Task) -> TaskResult:
+def convert_one(task: Task, scope: WriteScope | None = None) -> TaskResult:
     """Convert one task; never raises for a per-file problem.
+
+    Parameters
+    ----------
+    task : Task
+    scope : WriteScope, optional
+        Where the task may write (the real output root) and the tree's token for
+        temporary names; None: anywhere, without a token.
 
     Returns
     -------
     TaskResult
         ``ok`` with shapes, dtypes, sizes and the output's sha256; ``skipped`` for
         an input the converter does not handle; ``failed`` with the error type
-        and a message naming the file and the cause.
+        and a message naming the file and the cause. A task that is not ``ok``
+        leaves no output file: those it wrote before failing are removed.
     """
+    with writing_into(scope) as writes:
+        result = _convert(task)
+        if result.status != "ok":
+            writes.discard()  # only files this task renamed into place: niconv's own
+    return result
+
+
+def _convert(task: Task) -> TaskResult:
     start = time.perf_counter()
     base = dict(task_id=task.task_id, converter=task.converter, input_path=task.input_path,
                 output_path=task.output_path, bytes_in=task.bytes_in)
     try:
         conv = converters.get(task.converter)
-        c = conv.convert(task, task.options)
+        # a library's warnings about this file (nibabel: "multiple TRs found in .PAR file")
+        # belong in its row, not on the terminal of an overnight run
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", ResourceWarning)  # the garbage collector's, not the file's
+            c = conv.convert(task, task.options)
         nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
+        details = dict(c.details)
+        said = list(dict.fromkeys(_first_line(str(w.message)) for w in caught))
+        if said:
+            details["warnings"] = said
         return TaskResult(
             status="ok", input_shape=fmt_shape(c.input_shape), input_dtype=c.input_dtype,
             output_shape=fmt_shape(c.output_shape), output_dtype=c.output_dtype,
             zooms=fmt_zooms(c.zooms), axcodes=c.axcodes, bytes_out=nbytes, sha256=digest,
             seconds=round(time.perf_counter() - start, 4),
-            details=json.dumps(c.details, sort_keys=True, default=_json_default) if c.details else "",
+            details=json.dumps(details, sort_keys=True, default=_json_default) if details else "",
             **base)
     except SkippedInput as exc:
         return TaskResult(status="skipped", error_type=type(exc).__name__, error_message=str(exc),
@@ -54,11 +81,30 @@ def convert_one(task: Task) -> TaskResult:
         return _failed(base, exc, f"{task.input_path}: unexpected {type(exc).__name__}: {exc}", start)
 
 
+# How often a worker checks that the process that started it is still alive (seconds).
+PARENT_CHECK_SECONDS = 0.25
+
+
 def started() -> None:
     """Worker process initializer. Unpickling it imports this module, and with it what
     converting needs (numpy, nibabel, the default converters), as the process starts;
     it lives here and not in the runner so that a worker does not also import the
-    config schema, the scan and the cluster code."""
+    config schema, the scan and the cluster code.
+
+    It also makes the worker end itself soon after the run that started it dies
+    (``kill -9``, the out-of-memory killer), so no orphan goes on converting and
+    racing the rerun. A watcher thread, not ``PR_SET_PDEATHSIG``: that signal follows
+    the parent *thread*, and loky starts workers from helper threads."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)  # the run is gone: nobody will read this worker's results
+
+    threading.Thread(target=watch, name="niconv-parent-watch", daemon=True).start()
 
 
 def pid_after_start() -> int:
@@ -68,9 +114,13 @@ def pid_after_start() -> int:
     return os.getpid()
 
 
-def convert_batch(tasks: list[Task]) -> list[TaskResult]:
+def convert_batch(tasks: list[Task], scope: WriteScope | None = None) -> list[TaskResult]:
     """:func:`convert_one` over a batch of tasks, in order: one round trip to a worker."""
-    return [convert_one(t) for t in tasks]
+    return [convert_one(t, scope) for t in tasks]
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]
 
 
 def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
@@ -98,8 +148,9 @@ def digest_outputs(output_path: Path, outputs: tuple[str, ...]) -> tuple[int, st
     lines, total = [], 0
     for out in sorted(outputs):
         total += os.path.getsize(out)
-        lines.append(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n")
-    return total, hashlib.sha256("".join(lines).encode()).hexdigest()
+        # a name's own bytes (os.fsencode), also when they are not valid UTF-8
+        lines.append(os.fsencode(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n"))
+    return total, hashlib.sha256(b"".join(lines)).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -5,14 +5,23 @@ renamed into place (``os.replace`` is atomic on POSIX within one file system),
 so a file with its final name is always complete, whatever kills the process.
 
 A temporary name records who writes it:
-``.niconv-tmp-<host tag>-<pid>-<random>-<final name>``. A run removes the
-temporary files of writers that no longer exist (:func:`remove_stale_temps`),
-so a killed run leaves nothing behind once the next run has started, while the
+``.niconv-tmp-<tree token>-<host tag>-<pid>-<random>-<final name>``. The tree
+token is a random word kept in the output tree's lock file
+(:func:`niconv.lock.run_lock`): it proves that niconv made the file for this
+tree, so a run removes only its tree's temporary files whose writers no longer
+exist (:func:`remove_stale_temps`), never a file that merely looks like one.
+A killed run leaves nothing behind once the next run has started, while the
 files of a live concurrent writer (another shard of the same tree) are kept.
+
+Inside :func:`writing_into` (one task of a run), every output must land under
+the real (symlink-resolved) output root, and the final paths renamed into
+place are recorded, so that a task that fails can remove exactly the files it
+wrote (:meth:`TaskWrites.discard`).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import hashlib
 import os
@@ -20,10 +29,12 @@ import re
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import NiconvError, OutputError
+from .paths import within
 
 TEMP_PREFIX = ".niconv-tmp-"
 
@@ -31,7 +42,74 @@ TEMP_PREFIX = ".niconv-tmp-"
 # output takes this long to write, so one older than this is a crash leftover.
 FOREIGN_TEMP_MAX_AGE = 24 * 3600
 
-_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-")
+# Longest file name, in bytes, that common file systems accept (ext4, XFS, NFS, Lustre).
+NAME_MAX = 255
+_RANDOM_CHARS = 8  # what tempfile.mkstemp puts between prefix and suffix
+
+
+@dataclass(frozen=True)
+class WriteScope:
+    """Where the tasks of one run may write, and the word that marks their temporary files.
+
+    Picklable: it travels with each dispatched batch to the worker processes.
+
+    Attributes
+    ----------
+    output_root : str
+        Real (symlink-resolved) path of the output root; no output is written outside it.
+    token : str
+        The output tree's token (kept in its lock file): temporary files carrying it
+        were made by niconv for this tree.
+    """
+
+    output_root: str
+    token: str
+
+
+class TaskWrites:
+    """The files one task renamed into place (:func:`writing_into`).
+
+    Attributes
+    ----------
+    scope : WriteScope or None
+        Where the task may write; None: anywhere, and temporary names carry no token.
+    renamed : list of str
+        Final paths written by :func:`atomic_output` during the task, in order.
+    """
+
+    def __init__(self, scope: WriteScope | None):
+        self.scope = scope
+        self.renamed: list[str] = []
+
+    def discard(self) -> int:
+        """Remove the files this task wrote (those of a failed task); returns how many."""
+        removed = 0
+        for path in reversed(self.renamed):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += 1
+        self.renamed.clear()
+        return removed
+
+
+_task: contextvars.ContextVar[TaskWrites | None] = contextvars.ContextVar("niconv_task_writes", default=None)
+
+
+@contextlib.contextmanager
+def writing_into(scope: WriteScope | None) -> Iterator[TaskWrites]:
+    """Run one task's writes under ``scope``; yields the record of what it wrote.
+
+    Inside the block, :func:`atomic_output` refuses a path outside
+    ``scope.output_root`` (after resolving symlinks), marks temporary names with
+    ``scope.token``, and appends each final path it renames into place to the
+    yielded :class:`TaskWrites`. With ``scope=None`` only the record is kept.
+    """
+    writes = TaskWrites(scope)
+    reset = _task.set(writes)
+    try:
+        yield writes
+    finally:
+        _task.reset(reset)
 
 
 def _host_tag() -> str:
@@ -47,19 +125,31 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
     removed and nothing under the final name changes. There is no fsync per
     file (hundreds of slices per volume would wait on the disk for each): the
     runner flushes outputs to disk in batches (:func:`niconv.runner.run`), and
-    resume re-checks each recorded output's size.
+    resume re-checks each recorded output's size. The temporary name keeps the
+    final name's extension (``.nii.gz``), its stem shortened when the whole
+    name would exceed :data:`NAME_MAX` bytes.
 
     Raises
     ------
     OutputError
-        If the folder cannot be created or written, or the disk is full.
+        If the folder cannot be created or written, or the disk is full; inside
+        :func:`writing_into`, also if the path resolves (through a symbolic
+        link) to a place outside the scope's output root.
     """
     final = Path(final_path)
+    writes = _task.get()
+    scope = writes.scope if writes is not None else None
+    if scope is not None:
+        _check_inside(final, scope)  # before creating folders: none may appear outside the root either
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        # keep the whole final name as suffix so format detection by extension (.nii.gz) still works
-        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-",
-                                   suffix="-" + final.name, dir=final.parent)
+    except OSError as exc:
+        raise OutputError(str(final), f"cannot write to folder {final.parent}: {_why(exc)}") from exc
+    if scope is not None:
+        _check_inside(final, scope)  # a link may have appeared meanwhile
+    try:
+        prefix, suffix = _temp_affixes(final.name, scope.token if scope is not None else None)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=final.parent)
         os.close(fd)
     except OSError as exc:
         raise OutputError(str(final), f"cannot write to folder {final.parent}: {_why(exc)}") from exc
@@ -84,43 +174,84 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         _remove(tmp)
         raise
+    if writes is not None:
+        writes.renamed.append(str(final))
 
 
-def remove_stale_temps(root: str | os.PathLike) -> int:
-    """Delete temporary files left under ``root`` by writers that no longer run.
+def _check_inside(final: Path, scope: WriteScope) -> None:
+    folder = os.path.realpath(final.parent)
+    if not within(folder, scope.output_root):
+        raise OutputError(str(final), f"its folder resolves to {folder}, outside the output root "
+                                      f"{scope.output_root} (a symbolic link leads out of the output tree); "
+                                      "nothing was written")
 
-    A temporary file is stale when its writer process, on this host, is gone;
-    one written on another host is stale after :data:`FOREIGN_TEMP_MAX_AGE`
-    seconds; one whose name does not record its writer is always stale.
-    Files of live writers are kept, so concurrent shards of one output tree
-    are safe.
+
+def _temp_affixes(name: str, token: str | None) -> tuple[str, str]:
+    """``mkstemp`` prefix and suffix of a temporary file for the final ``name``, within :data:`NAME_MAX` bytes."""
+    prefix = f"{TEMP_PREFIX}{token}-" if token else TEMP_PREFIX
+    prefix += f"{_host_tag()}-{os.getpid()}-"
+    budget = NAME_MAX - len(os.fsencode(prefix)) - _RANDOM_CHARS - 1
+    return prefix, "-" + _shorten(name, budget)
+
+
+def _shorten(name: str, budget: int) -> str:
+    """``name`` with its stem cut to fit ``budget`` bytes, keeping its extension (``.nii.gz``) whole."""
+    if len(os.fsencode(name)) <= budget:
+        return name
+    suffixes = Path(name).suffixes
+    ext = "".join(suffixes[-2:]) if len(suffixes) > 1 and suffixes[-1].lower() == ".gz" else "".join(suffixes[-1:])
+    if len(os.fsencode(ext)) > budget:
+        ext = ""
+    stem = name[: len(name) - len(ext)]
+    while stem and len(os.fsencode(stem + ext)) > budget:
+        stem = stem[:-1]
+    return stem + ext
+
+
+def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
+    """Delete this tree's temporary files whose writers no longer run.
+
+    Only files niconv made for this output tree are candidates: their name
+    starts with ``.niconv-tmp-<scope.token>-``. Such a file is stale when its
+    writer process, on this host, is gone; one written on another host is stale
+    after :data:`FOREIGN_TEMP_MAX_AGE` seconds. Files of live writers are kept,
+    so concurrent shards of one output tree are safe. Symbolic links to folders
+    are not followed, so nothing outside the real output tree is touched.
 
     Parameters
     ----------
-    root : str or path-like
-        The output root; searched recursively. A missing folder is fine.
+    scope : WriteScope
+        The output tree (its real root, searched recursively; a missing folder
+        is fine) and its token.
+    skip : iterable of str
+        Folders left alone with everything below them: the real input roots,
+        where one lies inside the output tree.
 
     Returns
     -------
     int
         The number of files removed.
     """
+    ours = re.compile(re.escape(f"{TEMP_PREFIX}{scope.token}-") + r"(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-")
+    skipped = {os.path.realpath(s) for s in skip}
     me, now, removed = _host_tag(), time.time(), 0
-    for dirpath, _dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(scope.output_root):
+        # walked from the real root without following links: these paths are real
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skipped]
+        if dirpath in skipped:
+            continue
         for name in filenames:
-            if not name.startswith(TEMP_PREFIX):
+            m = ours.match(name)
+            if m is None:
                 continue
             path = os.path.join(dirpath, name)
-            m = _TEMP_NAME.match(name)
-            if m and m["host"] == me:
+            if m["host"] == me:
                 stale = not _alive(int(m["pid"]))
-            elif m:
+            else:
                 try:
                     stale = now - os.lstat(path).st_mtime > FOREIGN_TEMP_MAX_AGE
                 except OSError:
                     continue
-            else:
-                stale = True
             if stale:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

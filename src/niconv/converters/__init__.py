@@ -85,6 +85,10 @@ class Converter:
     inputs : str
         ``"image"`` (anything nibabel reads) or ``"array"`` (``.npy``/``.npz``):
         the default include patterns of a scan.
+    output_paths : callable
+        ``output_paths(task) -> tuple of str``: every path a task writes, files
+        or folders of files (for the plan's safety checks); default the task's
+        ``output_path`` alone.
     """
 
     name: str
@@ -95,6 +99,7 @@ class Converter:
     memory_factor: float = 2.0
     memory_extra: Callable[[str, Any], int] = lambda input_path, options: 0
     inputs: str = "image"
+    output_paths: Callable[[Any], tuple[str, ...]] = lambda task: (task.output_path,)
 
 
 #: The placeholders of a pair pattern (``reference``, ``labels``), filled for each input.

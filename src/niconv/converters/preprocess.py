@@ -360,6 +360,13 @@ def pairs(options: Options) -> dict:
     return {"label": (options.labels, options.labels_root, options.labels_required)}
 
 
+def output_paths(task) -> tuple[str, ...]:
+    """The output, and beside it the label map's (``<stem>_label``) when one is paired and not in the ``.npz``."""
+    if task.pair("label") is None or task.options.format == "npz":
+        return (task.output_path,)
+    return (task.output_path, _label_output(task.output_path))
+
+
 def convert(task, options: Options) -> Conversion:
     """Preprocess one image (and its paired label map) for the runner.
 
@@ -783,4 +790,5 @@ CONVERTER = Converter(
     memory_factor=9.0,
     memory_extra=memory_extra,
     inputs="image",
+    output_paths=output_paths,
 )

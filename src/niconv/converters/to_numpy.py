@@ -2,10 +2,12 @@
 
 The stored dtype is preserved (``int16`` stays ``int16``; never float64 from
 ``get_fdata``). Scaled images follow :mod:`niconv.volume`'s dtype policy:
-``scaling: float32`` (default) writes nibabel's scaled values as ``float32``;
-``scaling: raw`` writes the stored integers and, beside them in the ``.npz``,
-``scl_slope`` and ``scl_inter`` (value = stored * scl_slope + scl_inter, the
-NIfTI-1 standard's rule).
+``scaling: float32`` (default) writes nibabel's scaled values rounded to
+``float32``; ``scaling: raw`` writes the stored values and, beside them in the
+``.npz``, ``scl_slope`` and ``scl_inter`` (float64; value = data * scl_slope +
+scl_inter with NumPy broadcasting): scalars for NIfTI/Analyze, arrays of the
+data's number of dimensions for AFNI (one slope per volume, ``(1, 1, 1, T)``)
+and PAR/REC (per slice, ``(1, 1, Z[, T])``). Scaled MINC files refuse ``raw``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ class Options(BaseModel):
     to: Literal["numpy"] = "numpy"
     compressed: bool = Field(True, description="true: .npz (deflated zip, key 'data'); false: .npy")
     scaling: Literal["float32", "raw"] = Field(
-        "float32", description="scaled images: float32 scaled values, or raw stored integers + scl_slope/scl_inter")
+        "float32", description="scaled images: float32 scaled values, or raw stored values + scl_slope/scl_inter "
+                                "(NIfTI, Analyze, AFNI, PAR/REC; not MINC)")
     level: Optional[int] = Field(None, ge=0, le=9, description="deflate level; default: fast, within 5% of np.savez_compressed's size")
 
     @model_validator(mode="after")
@@ -61,8 +64,8 @@ def write_numpy(input_path: str, output_file: str, options: Options) -> Conversi
         if options.compressed:
             arrays = {"data": data}
             if vol.scaling is not None:
-                arrays["scl_slope"] = np.float64(vol.scaling[0])
-                arrays["scl_inter"] = np.float64(vol.scaling[1])
+                arrays["scl_slope"] = np.asarray(vol.scaling.slope, dtype=np.float64)
+                arrays["scl_inter"] = np.asarray(vol.scaling.inter, dtype=np.float64)
             codec.write_npz(tmp, arrays, compressed=True, level=options.level)
         else:
             codec.write_npy(tmp, data)
@@ -74,8 +77,15 @@ def write_numpy(input_path: str, output_file: str, options: Options) -> Conversi
         output_dtype=fmt_dtype(data.dtype),
         zooms=vol.zooms,
         axcodes=vol.axcodes,
-        details={"scl_slope": vol.scaling[0], "scl_inter": vol.scaling[1]} if vol.scaling else {},
+        details=_scale_details(vol.scaling) if vol.scaling else {},
     )
+
+
+def _scale_details(scale) -> dict:
+    """The unapplied scale for the log: its factors if single numbers, else what it is and its shape."""
+    if np.ndim(scale.slope) == 0 and np.ndim(scale.inter) == 0:
+        return {"scl_slope": float(scale.slope), "scl_inter": float(scale.inter)}
+    return {"scaling": scale.kind, "scl_shape": list(np.broadcast_shapes(np.shape(scale.slope), np.shape(scale.inter)))}
 
 
 def convert(task, options: Options) -> Conversion:
