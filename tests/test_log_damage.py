@@ -183,7 +183,8 @@ def test_verify_checks_the_latest_row_of_each_output(cohort, tmp_path, frozen_in
     open(out, "wb").write(bytes(data))
     verify = niconv("verify", log)
     assert verify.returncode == 1
-    assert verify.stdout == f"differs  {out}\nniconv: 4 of 5 outputs match the log; 1 missing or different\n"
+    assert verify.stdout == (f"differs  {out}\nniconv: 4 of 5 outputs match the log; 1 missing or different "
+                             "(`niconv run CONFIG --verify` redoes them)\n")
 
 
 def test_a_newer_log_with_more_columns_resumes_and_keeps_them(done):

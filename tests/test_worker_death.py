@@ -253,4 +253,35 @@ def test_a_read_only_output_disk_is_refused_in_words(cohort, tmp_path, small_dis
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     res = niconv("run", cfg, "--quiet", "--force")
     assert res.returncode in (1, 2) and "Traceback" not in res.stderr, res.stderr
-    assert "writable" in res.stderr or "read-only file system" in res.stderr
+    assert "read-only file system" in res.stderr and "is the output folder writable?" in res.stderr
+
+
+def test_a_worker_whose_run_died_while_it_started_ends_and_removes_its_temporary_file(tmp_path):
+    """The watcher compares against the run's own process id: a run killed before its worker
+    even started is noticed, and the file the worker was writing does not stay behind."""
+    code = ("import sys, time\n"
+            "from niconv.worker import started\n"
+            "from niconv.writers import atomic_output\n"
+            "with atomic_output(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'wb').write(b'partial')\n"
+            "    print(tmp, flush=True)\n"
+            "    started(2**22 + 12345)\n"  # no process has this id: the run that started us is gone
+            "    time.sleep(30)\n")
+    started_at = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "scan.npz")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started_at < 20, proc.stderr
+    temp = Path(proc.stdout.strip())
+    assert temp.name.startswith(".niconv-tmp-") and not temp.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fault_injection_script_passes_a_short_round(cohort, tmp_path):
+    """benchmarks/fault_injection.py (20 + 5 kills in full) stays runnable: one kill of each kind."""
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_injection.py"), "--parent-kills", "1",
+                           "--worker-kills", "1", "--workdir", str(tmp_path / "faults")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 of 2 trials passed" in proc.stdout.splitlines()[-1]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -27,39 +29,50 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def add_command(subparsers, name: str, text: str, config: bool = False) -> argparse.ArgumentParser:
+    """Add a subcommand described by ``text`` (its line in ``niconv --help`` and the first line of
+    its own ``--help``), with the CONFIG argument when ``config``."""
+    parser = subparsers.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    if config:
+        parser.add_argument("config", help="the YAML config file (`niconv init` prints an example)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="niconv", description="Parallel, resumable batch conversion of medical-imaging cohorts.")
     p.add_argument("--version", action="version", version=f"niconv {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="convert every input of a config")
-    r.add_argument("config")
-    r.add_argument("--jobs", type=int, help="worker processes (default: config 'jobs', else every CPU this "
-                   "process may use; never more than those)")
+    r = add_command(sub, "run", "convert every input of a config that is not done yet", config=True)
+    r.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: config 'jobs', else every CPU "
+                   "this process may use; never more than those)")
     r.add_argument("--force", action="store_true", help="redo every task, even those already done")
     r.add_argument("--retry-failed", action="store_true", help="redo tasks that failed in an earlier run")
+    r.add_argument("--verify", action="store_true",
+                   help="re-hash the outputs of the done tasks first and redo those whose output is missing or differs")
     r.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N (balanced by input bytes)")
     r.add_argument("--backend", choices=["loky", "dask"], help="joblib backend (default: config 'backend', else loky)")
     r.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress (bar on a terminal, a line now and then otherwise); the summary still prints")
 
-    pl = sub.add_parser("plan", help="print the manifest (one line per task); converts nothing")
-    pl.add_argument("config")
+    pl = add_command(sub, "plan", "print the manifest, one line per task with its state; converts nothing",
+                     config=True)
     pl.add_argument("--csv", action="store_true", help="write the tasks as CSV")
-    pl.add_argument("--shard", type=_shard, metavar="I/N")
+    pl.add_argument("--shard", type=_shard, metavar="I/N", help="only the tasks of shard I of N, with its log")
 
-    v = sub.add_parser("validate", help="check a config; converts nothing")
-    v.add_argument("config")
+    add_command(sub, "validate", "check a config and its inputs as `plan` does; converts nothing", config=True)
 
-    i = sub.add_parser("init", help="print a commented example config")
-    i.add_argument("--to", choices=converters.names(), default="numpy")
+    i = add_command(sub, "init", "print a commented example config")
+    i.add_argument("--to", choices=converters.names(), default="numpy",
+                   help="the converter of the example (default: numpy)")
 
-    inf = sub.add_parser("info", help="shape, dtype, zooms, orientation, scaling and header of images")
-    inf.add_argument("files", nargs="+")
+    inf = add_command(sub, "info", "describe images and NumPy files: shape, dtype, zooms, orientation, scaling")
+    inf.add_argument("files", nargs="+", metavar="FILE", help="images (any format nibabel reads), .npy or .npz")
     inf.add_argument("--header", action="store_true", help="also print the full header")
 
-    ve = sub.add_parser("verify", help="re-hash the outputs a log records")
-    ve.add_argument("log")
+    ve = add_command(sub, "verify", "re-hash the outputs a log records and name the missing or different ones")
+    ve.add_argument("log", help="a niconv CSV log (niconv_log.csv)")
 
     try:
         from . import cluster
@@ -79,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: usage error or --help
         return int(exc.code or 0) if exc.code in (0, None) else EXIT_USAGE
     try:
-        return args.func(args) if hasattr(args, "func") else _COMMANDS[args.command](args)
+        code = args.func(args) if hasattr(args, "func") else _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, not as Python exits
+        return code
+    except BrokenPipeError:
+        # the reader stopped reading: end quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except (ConfigError, ScanError, LockError, ClusterError) as exc:
         print(f"niconv: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -106,26 +125,30 @@ def _damaged(count: int) -> str:
 
 
 def _load(args):
+    """The config and its manifest: every check `plan` and `run` make before any work."""
     from .config import load_config
+    from .scan import build_manifest
 
-    return load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
+    config = load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
+    return config, build_manifest(config)
 
 
 def cmd_run(args) -> int:
     from .runner import run
-    from .scan import build_manifest
 
-    config = _load(args)
-    tasks = build_manifest(config)
+    config, tasks = _load(args)
     s = run(config, tasks, jobs=args.jobs, force=args.force, retry_failed=args.retry_failed,
-            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet)
+            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet,
+            verify=args.verify)
     parts = [f"{s.converted} converted", f"{s.already_done} already done", f"{s.skipped} skipped",
              f"{s.failed} failed"]
+    if s.redone:
+        parts.append(f"{s.redone} redone (output missing or changed)")
     if s.failed_before:
         parts.append(f"{s.failed_before} failed earlier (--retry-failed to redo)")
     if s.log_damaged_lines:
         parts.append(_damaged(s.log_damaged_lines))
-    rate = f" ({s.files_per_second:.1f} files/s converting)" if s.conversion_seconds else ""
+    rate = f" ({s.files_per_second:.1f} files/s converting)" if s.converted and s.conversion_seconds else ""
     print(f"niconv: {', '.join(parts)} in {s.seconds:.1f} s{rate}; log: {s.log_path}")
     if s.unlogged:
         print(f"niconv: {s.unlogged} result(s) could not be written to the log ({s.unlogged_reason}); "
@@ -141,36 +164,46 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     import csv
 
-    from .log import read_log
+    from .log import latest_by_task, read_log
     from .runner import plan, shard_log_path
-    from .scan import build_manifest
+    from .volume import skip_reason
 
-    config = _load(args)
-    tasks = build_manifest(config)
+    config, tasks = _load(args)
     logged = read_log(shard_log_path(config.log_path, args.shard))
     p = plan(tasks, logged.rows, shard=args.shard)
+    latest = latest_by_task(logged.rows)
+    # why each skipped task is skipped: logged, or (never run) the reason the run will give
+    why = {t.task_id: latest[t.task_id]["error_message"].removeprefix(f"{t.input_path}: ") for t in p.skipped}
+    reads_images = {name: converters.get(name).inputs == "image" for name in {t.converter for t in p.pending}}
+    why.update({t.task_id: reason for t in p.pending
+                if reads_images[t.converter] and (reason := skip_reason(t.input_path))})
     state = {t.task_id: "pending" for t in p.pending}
     state.update({t.task_id: "done" for t in p.done})
     state.update({t.task_id: "failed" for t in p.failed_before})
+    state.update({task_id: "skipped" for task_id in why})
     shown = [t for t in tasks if t.task_id in state]
     if args.csv:
         w = csv.writer(sys.stdout)
         w.writerow(["task_id", "state", "converter", "input_path", "output_path", "bytes_in"])
         for t in shown:
-            w.writerow([t.task_id, state[t.task_id], t.converter, t.input_path, t.output_path, t.bytes_in])
+            out = "" if t.task_id in why else t.output_path  # a skipped input writes nothing
+            w.writerow([t.task_id, state[t.task_id], t.converter, t.input_path, out, t.bytes_in])
     else:
         for t in shown:
-            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path} -> {t.output_path}")
-        print(f"niconv: {len(shown)} task(s): {len(p.pending)} pending, {len(p.done)} done, "
-              f"{len(p.failed_before)} failed earlier", file=sys.stderr)
+            target = f"({why[t.task_id]})" if t.task_id in why else f"-> {t.output_path}"
+            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path} {target}")
+        count = collections.Counter(state.values())
+        print(f"niconv: {len(shown)} task(s): {count['pending']} pending, {count['done']} done, "
+              f"{count['failed']} failed earlier, {count['skipped']} skipped", file=sys.stderr)
     if logged.damaged_lines:
         print(f"niconv: {_damaged(logged.damaged_lines)}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_validate(args) -> int:
-    config = _load(args)
-    print(f"niconv: {args.config} is valid (to: {config.convert.to}, output: {config.output.root})")
+    config, tasks = _load(args)
+    print(f"niconv: {args.config} is valid ({len(tasks)} input(s), to: {config.convert.to}, "
+          f"output: {config.output.root})")
     return EXIT_OK
 
 
@@ -186,16 +219,20 @@ def cmd_info(args) -> int:
     status = EXIT_OK
     for f in args.files:
         try:
-            print(describe(f, header=args.header))
+            print(describe(f, header=args.header), flush=True)
         except NiconvError as exc:
-            print(f"{f}: error: {exc.message}", file=sys.stderr)
+            print(f"{f}: error: {exc.message}", file=sys.stderr, flush=True)
+            status = EXIT_FAILED
+        except Exception as exc:  # noqa: BLE001 - one file nibabel trips over costs only that file
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason given"
+            print(f"{f}: error: cannot describe this file ({why})", file=sys.stderr, flush=True)
             status = EXIT_FAILED
     return status
 
 
 def cmd_verify(args) -> int:
     from .log import read_log
-    from .worker import digest_outputs
+    from .runner import output_problem
 
     path = Path(args.log)
     if not path.exists():
@@ -209,17 +246,11 @@ def cmd_verify(args) -> int:
     rows = [r for r in latest.values() if r["status"] == "ok"]
     bad = 0
     for r in rows:
-        out = Path(r["output_path"])
-        if not out.exists():
-            print(f"missing  {out}")
+        problem = output_problem(r)
+        if problem:
+            print(f"{problem:<7}  {r['output_path']}")
             bad += 1
-            continue
-        files = tuple(str(p) for p in sorted(out.rglob("*")) if p.is_file()) if out.is_dir() else (str(out),)
-        _, digest = digest_outputs(out, files)
-        if digest != r["sha256"]:
-            print(f"differs  {out}")
-            bad += 1
-    notes = [f"{bad} missing or different"] if bad else []
+    notes = [f"{bad} missing or different (`niconv run CONFIG --verify` redoes them)"] if bad else []
     if logged.damaged_lines:
         notes.append(_damaged(logged.damaged_lines))
     print(f"niconv: {len(rows) - bad} of {len(rows)} outputs match the log" + "".join(f"; {n}" for n in notes))

@@ -507,10 +507,11 @@ class RunStatus:
 
     Attributes
     ----------
-    total, done, failed, pending : int
-        Tasks in the manifest; done (latest row ``ok`` with its output intact,
-        or ``skipped``); failed (latest row ``failed``); pending (no row yet, or
-        an ``ok`` row whose output is gone).
+    total, done, failed, pending, skipped : int
+        Tasks in the manifest; done (latest row ``ok`` with its output intact);
+        failed (latest row ``failed``); pending (no row yet, or an ``ok`` row
+        whose output is gone); skipped (latest row ``skipped``: an input the
+        converter does not handle; finished like done, but nothing written).
     logs : tuple of Path
         The log files read.
     failures : tuple of (str, str, str)
@@ -526,6 +527,7 @@ class RunStatus:
     logs: tuple[Path, ...]
     failures: tuple[tuple[str, str, str], ...] = ()
     damaged_lines: int = 0
+    skipped: int = 0
 
 
 def status(config, tasks: tuple[Task, ...] | None = None) -> RunStatus:
@@ -542,9 +544,11 @@ def status(config, tasks: tuple[Task, ...] | None = None) -> RunStatus:
     rows = [latest.get(t.task_id) for t in tasks]
     failures = tuple((r["input_path"], r["error_type"], r["error_message"])
                      for r in rows if r and r["status"] == "failed")
-    done = sum(map(_is_done, rows))
-    return RunStatus(total=len(tasks), done=done, failed=len(failures), pending=len(tasks) - done - len(failures),
-                     logs=tuple(log_files(config.log_path)), failures=failures, damaged_lines=damaged)
+    finished = sum(map(_is_done, rows))
+    skipped = sum(1 for r in rows if r and r["status"] == "skipped")
+    return RunStatus(total=len(tasks), done=finished - skipped, failed=len(failures),
+                     pending=len(tasks) - finished - len(failures), logs=tuple(log_files(config.log_path)),
+                     failures=failures, damaged_lines=damaged, skipped=skipped)
 
 
 def merge(config, tasks: tuple[Task, ...] | None = None, output: str | os.PathLike | None = None) -> Path:
@@ -795,7 +799,7 @@ def cmd_status(args) -> int:
 
     config = load_config(args.config)
     st = status(config)
-    print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending "
+    print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending, {st.skipped} skipped "
           f"({len(st.logs)} log file(s) beside {config.log_path})")
     if st.damaged_lines:
         print(f"{st.damaged_lines} damaged log line(s) skipped")
@@ -808,7 +812,7 @@ def cmd_status(args) -> int:
         print(f"failed: {path}: {kind}: {message}")
     if st.failed > 20:
         print(f"... and {st.failed - 20} more failed (niconv merge, then read the log)")
-    return 0 if st.done == st.total else 1
+    return 0 if st.done + st.skipped == st.total else 1
 
 
 def cmd_merge(args) -> int:
@@ -819,10 +823,11 @@ def cmd_merge(args) -> int:
     tasks = _manifest(config)
     st = status(config, tasks)
     path = merge(config, tasks, args.output)
-    print(f"merged {st.done + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
-          + (f"; {st.failed} failed, {st.pending} pending" if st.done != st.total else "")
+    finished = st.done + st.skipped
+    print(f"merged {finished + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
+          + (f"; {st.failed} failed, {st.pending} pending" if finished != st.total else "")
           + (f"; {st.damaged_lines} damaged log line(s) left out" if st.damaged_lines else ""))
-    return 0 if st.done == st.total else 1
+    return 0 if finished == st.total else 1
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -831,8 +836,9 @@ def _ranges(numbers: list[int]) -> str:
 
 def add_arguments(subparsers) -> None:
     """Add ``submit``, ``status`` and ``merge`` to the ``niconv`` subcommands."""
-    s = subparsers.add_parser("submit", help="run the shards of a config as SLURM job arrays")
-    s.add_argument("config")
+    from .cli import add_command
+
+    s = add_command(subparsers, "submit", "run the shards of a config as SLURM job arrays", config=True)
     s.add_argument("--slurm", action="store_true", help="submit to SLURM with sbatch (the only scheduler so far)")
     s.add_argument("--shards", type=int, metavar="N",
                    help=f"array tasks (default: cluster.slurm.shards, else one per {TASKS_PER_SHARD} inputs)")
@@ -847,11 +853,10 @@ def add_arguments(subparsers) -> None:
     s.add_argument("--wait", action="store_true", help="wait until the arrays finish, then print the status")
     s.set_defaults(func=cmd_submit)
 
-    st = subparsers.add_parser("status", help="done, failed and pending tasks across all shard logs")
-    st.add_argument("config")
+    st = add_command(subparsers, "status", "count the done, failed, pending and skipped tasks across all shard logs",
+                     config=True)
     st.set_defaults(func=cmd_status)
 
-    m = subparsers.add_parser("merge", help="merge the shard logs into one log, in manifest order")
-    m.add_argument("config")
+    m = add_command(subparsers, "merge", "merge the shard logs into one log, in manifest order", config=True)
     m.add_argument("--output", metavar="PATH", help="write here instead of the configured log")
     m.set_defaults(func=cmd_merge)

@@ -10,6 +10,7 @@ kills its worker again is lost, as a ``failed`` row naming the signal.
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -85,6 +86,7 @@ def processes(width: int, **kwargs):
     backend, _ = get_active_backend()
     if type(backend).__name__ == "LokyBackend":
         kwargs["initializer"] = worker.started
+        kwargs["initargs"] = (os.getpid(),)
     return Parallel(n_jobs=width, **kwargs)
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .processes import alive
 from .errors import LockError
 
 try:
@@ -261,7 +262,7 @@ def _live(owner: dict | None, me: dict) -> bool:
     """False only for an owner known dead: on this host, with no such process (or no owner at all)."""
     if not owner:
         return False
-    return owner.get("host") != me["host"] or _alive(int(owner.get("pid", 0)))
+    return owner.get("host") != me["host"] or alive(int(owner.get("pid", 0)))
 
 
 # ---------------------------------------------------------------- shared
@@ -277,16 +278,6 @@ def _shard_holders(p: Path) -> list[dict]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(owner: dict | None) -> str:
@@ -307,7 +298,8 @@ def _busy(p: Path, owners: list[dict | None]) -> LockError:
 
 
 def _cannot_create(p: Path, exc: OSError) -> LockError:
-    why = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else (exc.strerror or str(exc))
+    why = ("read-only file system" if exc.errno == errno.EROFS
+           else "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or str(exc)))
     return LockError(str(p), f"cannot create the lock file ({why}); is the output folder writable?")
 
 

@@ -37,11 +37,18 @@ SYNC_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run will do: ``pending`` tasks to convert, and what it leaves alone."""
+    """What a run will do: ``pending`` tasks to convert, and what it leaves alone.
+
+    ``skipped`` tasks were skipped before (an input the converter does not
+    handle) and are not tried again; ``redone`` are the pending tasks whose
+    recorded output is missing or changed.
+    """
 
     pending: tuple[Task, ...]
     done: tuple[Task, ...]
     failed_before: tuple[Task, ...]
+    skipped: tuple[Task, ...] = ()
+    redone: tuple[Task, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,9 @@ class RunSummary:
     read-only folder); ``unlogged`` counts results that reached this process but
     could not be written to the log, and ``unlogged_reason`` says why (their
     tasks are redone by the next run); ``log_damaged_lines`` counts the lines of
-    the log it skipped as damaged.
+    the log it skipped as damaged. ``skipped`` counts the inputs skipped in
+    this run and those skipped before (never ``already_done``); ``redone``
+    counts the pending tasks whose recorded output was missing or changed.
     """
 
     total: int
@@ -69,12 +78,13 @@ class RunSummary:
     unlogged: int = 0
     unlogged_reason: str = ""
     log_damaged_lines: int = 0
+    redone: int = 0
 
     @property
     def files_per_second(self) -> float:
-        """Tasks finished per second of the conversion phase (first dispatch to last result)."""
-        done = self.converted + self.skipped + self.failed
-        return done / self.conversion_seconds if self.conversion_seconds > 0 else 0.0
+        """Files converted per second of the conversion phase (first dispatch to last result);
+        skipped and failed tasks are not counted. 0.0 when nothing was converted."""
+        return self.converted / self.conversion_seconds if self.conversion_seconds > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -111,32 +121,54 @@ def outputs_intact(row: dict) -> bool:
         return False
 
 
+def output_problem(row: dict) -> str | None:
+    """What is wrong with the output an ``ok`` log row records: ``"missing"``, ``"unreadable"``,
+    or ``"differs"`` (its sha256 is not the recorded one; every file of an output folder is
+    re-hashed); None if it matches."""
+    from .worker import digest_outputs
+
+    out = Path(row["output_path"])
+    if not out.exists():
+        return "missing"
+    files = tuple(str(p) for p in sorted(out.rglob("*")) if p.is_file()) if out.is_dir() else (str(out),)
+    try:
+        _, digest = digest_outputs(out, files)
+    except OSError:
+        return "unreadable"
+    return None if digest == row["sha256"] else "differs"
+
+
 def plan(tasks: tuple[Task, ...], log_rows: list[dict], *, force: bool = False,
-         retry_failed: bool = False, shard: tuple[int, int] | None = None) -> Plan:
+         retry_failed: bool = False, shard: tuple[int, int] | None = None, verify: bool = False) -> Plan:
     """Decide what to convert.
 
     A task is done when its id's latest log row is ``ok`` with its output still
-    present at the recorded size, or ``skipped`` (a kind of input the converter
-    does not handle). A changed input has a new id, so it is pending. Tasks
-    whose latest row is ``failed`` are redone only with ``retry_failed``.
+    present at the recorded size (with ``verify``: and the recorded sha256,
+    :func:`output_problem`); else it is redone. A task whose latest row is
+    ``skipped`` (a kind of input the converter does not handle) stays skipped.
+    A changed input has a new id, so it is pending. Tasks whose latest row is
+    ``failed`` are redone only with ``retry_failed``.
     """
     if shard is not None:
         tasks = shard_tasks(tasks, *shard)
     if force:
         return Plan(tuple(tasks), (), ())
     latest = latest_by_task(log_rows)
-    pending, done, failed = [], [], []
+    pending, done, failed, skipped, redone = [], [], [], [], []
     for t in tasks:
         row = latest.get(t.task_id)
-        if row is None:
-            pending.append(t)
-        elif row["status"] in ("ok", "skipped") and outputs_intact(row):
+        status = row["status"] if row else None
+        if status == "skipped":
+            skipped.append(t)
+        elif status == "ok" and outputs_intact(row) and not (verify and output_problem(row)):
             done.append(t)
-        elif row["status"] == "failed" and not retry_failed:
+        elif status == "failed" and not retry_failed:
             failed.append(t)
         else:
             pending.append(t)
-    return Plan(tuple(pending), tuple(done), tuple(failed))
+            if status == "ok":
+                redone.append(t)
+    return Plan(tuple(pending), tuple(done), tuple(failed), tuple(skipped), tuple(redone))
 
 
 def _size(path: Path) -> int:
@@ -250,7 +282,7 @@ def _sigterm_as_interrupt():
 
 def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, force: bool = False,
         retry_failed: bool = False, shard: tuple[int, int] | None = None, backend: str | None = None,
-        scheduler: str | None = None, progress: bool = True) -> RunSummary:
+        scheduler: str | None = None, progress: bool = True, verify: bool = False) -> RunSummary:
     """Convert the pending tasks of a manifest and log every result.
 
     Parameters
@@ -263,6 +295,9 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         Worker processes (default ``config.n_jobs``); 1 runs in-process through the same code.
     force, retry_failed : bool
         Redo every task / redo tasks whose latest row is ``failed``.
+    verify : bool
+        Re-hash the recorded output of every done task first, and redo the
+        tasks whose output is missing or differs (:func:`output_problem`).
     shard : (int, int), optional
         Run only shard ``I`` of ``N`` (balanced by input bytes); logs to its own file.
     backend, scheduler : str, optional
@@ -299,7 +334,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             remove_stale_temps(scope, input_roots)
 
         logged = read_log(log_path)
-        todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard)
+        todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
         with _local_pool(groups, jobs, backend) as workers:
@@ -322,9 +357,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                                 synced = time.monotonic()
                             state.log(log, result)
                             counts[result.status] += 1
-                            bar.update(1)
-                            if counts["failed"]:
-                                bar.set_postfix(failed=counts["failed"], refresh=False)
+                            bar.update(counts)
             except KeyboardInterrupt:
                 state.interrupted = True
                 # a worker stopped mid-write may not have removed its temporary file
@@ -337,13 +370,13 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                     state.attempt(log.close, f"closing the log {log_path}")
                 os.sync()
         summary = RunSummary(
-            total=len(todo.pending) + len(todo.done) + len(todo.failed_before),
-            converted=counts["ok"], skipped=counts["skipped"], failed=counts["failed"],
+            total=len(todo.pending) + len(todo.done) + len(todo.failed_before) + len(todo.skipped),
+            converted=counts["ok"], skipped=counts["skipped"] + len(todo.skipped), failed=counts["failed"],
             already_done=len(todo.done), failed_before=len(todo.failed_before),
             seconds=round(time.time() - started, 3), log_path=str(log_path), interrupted=state.interrupted,
             conversion_seconds=round(last - dispatched, 3) if todo.pending else 0.0,
             error=state.error, unlogged=state.unlogged, unlogged_reason=state.unlogged_reason,
-            log_damaged_lines=logged.damaged_lines)
+            log_damaged_lines=logged.damaged_lines, redone=len(todo.redone))
         record = _record(config, tasks, summary, started, jobs, backend, shard)
         if not state.attempt(lambda: write_run_record(run_record_path(log_path), record), "writing the run record"):
             summary = dataclasses.replace(summary, error=state.error)
@@ -395,11 +428,75 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+# Progress lines where the output is not a terminal (a log file, a pipe): one at most every
+# PROGRESS_SECONDS and every PROGRESS_FRACTION of the tasks, whichever is rarer.
+PROGRESS_SECONDS = 30.0
+PROGRESS_FRACTION = 0.05
 
-    return tqdm(total=total, unit="file", desc="niconv", disable=not enabled or total == 0,
-                file=sys.stderr, dynamic_ncols=True)
+
+def _progress(total: int, enabled: bool, stream=None):
+    """A bar on a terminal; plain lines now and then elsewhere; nothing when disabled or idle.
+
+    Either way ``update(counts)`` takes the counts by status after each result
+    and ``close()`` ends it; the run's summary line follows.
+    """
+    stream = stream or sys.stderr
+    if not enabled or total == 0:
+        return _Lines(0, stream)
+    if getattr(stream, "isatty", lambda: False)():
+        return _Bar(total, stream)
+    return _Lines(total, stream)
+
+
+class _Bar:
+    """tqdm's bar, with the failures so far."""
+
+    def __init__(self, total: int, stream):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="file", desc="niconv", file=stream, dynamic_ncols=True)
+
+    def update(self, counts: dict) -> None:
+        self._bar.update(1)
+        if counts["failed"]:
+            self._bar.set_postfix(failed=counts["failed"], refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class _Lines:
+    """Progress for a log file or a pipe: a plain line with the counts and the rate, no carriage
+    returns, at most every :data:`PROGRESS_SECONDS` and :data:`PROGRESS_FRACTION` of the tasks
+    (``total`` 0: silent). The run's summary line ends it, so there is no closing line."""
+
+    def __init__(self, total: int, stream, clock=time.monotonic):
+        self._total, self._stream, self._clock = total, stream, clock
+        self._start = self._last_time = clock()
+        self._last_done = 0
+
+    def update(self, counts: dict) -> None:
+        done = sum(counts.values())
+        now = self._clock()
+        if (not self._total or done >= self._total or now - self._last_time < PROGRESS_SECONDS
+                or done - self._last_done < PROGRESS_FRACTION * self._total):
+            return
+        self._last_time, self._last_done = now, done
+        elapsed = now - self._start
+        rate = f", {counts['ok'] / elapsed:.1f} files/s" if counts["ok"] and elapsed > 0 else ""
+        print(f"niconv: {done} of {self._total} tasks ({100 * done // self._total}%): {counts['ok']} converted, "
+              f"{counts['skipped']} skipped, {counts['failed']} failed in {_clock_text(elapsed)}{rate}",
+              file=self._stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock_text(seconds: float) -> str:
+    """``75.2`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def manifest_hash(tasks: tuple[Task, ...]) -> str:

@@ -163,7 +163,7 @@ def load_image(path: str | os.PathLike):
     Beyond nibabel's own checks, the image must be a volume with an affine
     (:func:`check_volume`), the header must describe data the file can hold
     (rejected before any voxel is allocated), a header/data pair must have its
-    data file, and NIfTI scale factors must be finite numbers.
+    data file, and NIfTI scale factors must be finite numbers (:func:`check_image`).
 
     Raises
     ------
@@ -172,29 +172,69 @@ def load_image(path: str | os.PathLike):
     UnsupportedInput
         For an image that is not a volume with an affine (CIFTI-2, GIFTI).
     """
+    img = open_image(path)
+    check_image(path, img)
+    return img
+
+
+def open_image(path: str | os.PathLike):
+    """Open any image nibabel reads, header only, after checking the file; no check that it
+    is a volume niconv converts (see :func:`load_image`).
+
+    Raises
+    ------
+    MissingInput, InputError
+        For a missing, unreadable or corrupt file, or a format nibabel cannot read,
+        in words (never nibabel's exception).
+    SkippedInput
+        For an input niconv skips (:func:`skip_reason`).
+    """
     p = check_input_file(path)
-    if _is_dicom(p):
-        raise SkippedInput(
-            str(p), "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
-        )
+    skip = skip_reason(p)
+    if skip:
+        raise SkippedInput(str(p), skip)
     try:
         try:
-            img = nib.load(str(p))
+            return nib.load(str(p))
         except FileNotFoundError as exc:
             if not (exc.filename and Path(exc.filename).name.lower() == p.name.lower()):
                 raise
-            img = _load_as_named(p)
+            return _load_as_named(p)
     except FileNotFoundError as exc:  # a missing companion file (.img of .hdr, .REC of .PAR)
         missing = Path(exc.filename).name if exc.filename else "data file"
         raise InputError(str(p), f"the data file {missing} that belongs to this header is missing "
                                  "(a header/data pair needs both files side by side)") from exc
     except Exception as exc:  # nibabel format readers raise many types for corrupt files
         raise InputError(str(p), _load_failure(p, exc)) from exc
+
+
+def check_image(path: str | os.PathLike, img) -> None:
+    """What :func:`load_image` checks beyond nibabel: a volume with an affine, its data file
+    present and large enough for the header's claim, finite NIfTI scale factors.
+
+    Raises
+    ------
+    UnsupportedInput
+        For an image that is not a volume with an affine (CIFTI-2, GIFTI).
+    InputError
+        For a missing data file, a header claiming more data than the file holds,
+        or non-finite scale factors.
+    """
+    p = Path(path)
     check_volume(img, str(p))
     _check_companion(p, img)
     _check_data_size(p, img)
     _check_scale_factors(p, img)
-    return img
+
+
+def skip_reason(path: str | os.PathLike) -> str | None:
+    """Why niconv skips an input it does not handle yet (DICOM), or None.
+
+    Reads at most 132 bytes: a name ending in ``.dcm``, or the ``DICM`` marker.
+    """
+    if _is_dicom(Path(path)):
+        return "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
+    return None
 
 
 def _load_as_named(p: Path):

@@ -18,7 +18,7 @@ from . import converters
 from .errors import NiconvError, SkippedInput
 from .log import TaskResult, fmt_shape, fmt_zooms
 from .manifest import Task
-from .writers import WriteScope, writing_into
+from .writers import WriteScope, remove_own_temps, writing_into
 
 
 def convert_one(task: Task, scope: WriteScope | None = None) -> TaskResult:
@@ -85,7 +85,7 @@ def _convert(task: Task) -> TaskResult:
 PARENT_CHECK_SECONDS = 0.25
 
 
-def started() -> None:
+def started(parent: int) -> None:
     """Worker process initializer. Unpickling it imports this module, and with it what
     converting needs (numpy, nibabel, the default converters), as the process starts;
     it lives here and not in the runner so that a worker does not also import the
@@ -94,15 +94,22 @@ def started() -> None:
     It also makes the worker end itself soon after the run that started it dies
     (``kill -9``, the out-of-memory killer), so no orphan goes on converting and
     racing the rerun. A watcher thread, not ``PR_SET_PDEATHSIG``: that signal follows
-    the parent *thread*, and loky starts workers from helper threads."""
-    import threading
+    the parent *thread*, and loky starts workers from helper threads.
 
-    parent = os.getppid()
+    Parameters
+    ----------
+    parent : int
+        The process id of the run, taken in the run itself: a run killed while
+        this worker was still starting is already gone here.
+    """
+    import threading
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(1)  # the run is gone: nobody will read this worker's results
+        # the run is gone: nobody will read this worker's results, or finish its files
+        remove_own_temps()
+        os._exit(1)
 
     threading.Thread(target=watch, name="niconv-parent-watch", daemon=True).start()
 

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 
 from .errors import NiconvError, OutputError
 from .paths import within
+from .processes import alive
 
 TEMP_PREFIX = ".niconv-tmp-"
 
@@ -153,6 +154,7 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
         os.close(fd)
     except OSError as exc:
         raise OutputError(str(final), f"cannot write to folder {final.parent}: {_why(exc)}") from exc
+    _writing.add(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o644)
@@ -174,8 +176,25 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _writing.discard(tmp)
     if writes is not None:
         writes.renamed.append(str(final))
+
+
+# temporary files this process is writing now (atomic_output blocks not yet ended)
+_writing: set[str] = set()
+
+
+def remove_own_temps() -> None:
+    """Remove the temporary files this process is writing, just before it ends abruptly.
+
+    For a worker whose run has died: no one will read what it writes, and a
+    rerun cannot tell at once that the writer has gone. Safe beside a rename in
+    progress: a file already renamed is complete, and no longer here.
+    """
+    for tmp in list(_writing):
+        _remove(tmp)
 
 
 def _check_inside(final: Path, scope: WriteScope) -> None:
@@ -246,7 +265,7 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
                 continue
             path = os.path.join(dirpath, name)
             if m["host"] == me:
-                stale = not _alive(int(m["pid"]))
+                stale = not alive(int(m["pid"]))
             else:
                 try:
                     stale = now - os.lstat(path).st_mtime > FOREIGN_TEMP_MAX_AGE
@@ -257,18 +276,6 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
                     os.unlink(path)
                     removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    return True
 
 
 def _remove(path: str) -> None:
