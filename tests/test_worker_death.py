@@ -6,6 +6,7 @@ of the run, tmpfs mounts that fill up or turn read-only mid-run.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import niconv, outputs, rows_of, write_config
+from conftest import REPO, niconv, outputs, rows_of, write_config
+
+# the process-tree helpers of the fault-injection script: which processes belong to a run
+_spec = importlib.util.spec_from_file_location("fault_injection", REPO / "benchmarks" / "fault_injection.py")
+faults = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(faults)
+children, alive = faults.children, faults.alive
+
+
+def workers_of(pid: int) -> set[int]:
+    return set(faults.workers_of(pid))
 
 MNI = "nilearn_mni152_t1_2009a.nii.gz"
 
@@ -43,28 +54,6 @@ def start_run(cfg: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found |= {int(c) for c in (task / "children").read_text().split()}
-        except OSError:
-            pass
-    return found
-
-
-def workers_of(pid: int) -> set[int]:
-    """The loky worker processes of a run (its children running the worker entry point)."""
-    found = set()
-    for child in children(pid):
-        try:
-            if b"popen_loky_posix" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.add(child)
-        except OSError:
-            pass
-    return found
-
-
 def holder_of(suffix: str, pids: set[int]) -> int | None:
     """The process among ``pids`` with a file open whose name ends in ``suffix``."""
     for pid in pids:
@@ -82,13 +71,6 @@ def ok_rows(log: Path) -> int:
         return sum(1 for r in rows_of(log) if r["status"] == "ok")
     except (FileNotFoundError, KeyError):
         return 0
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_killed_worker_costs_nothing_the_run_goes_on(cohort, tmp_path, frozen_inputs):
@@ -278,8 +260,6 @@ def test_a_worker_whose_run_died_while_it_started_ends_and_removes_its_temporary
 
 def test_the_fault_injection_script_passes_a_short_round(cohort, tmp_path):
     """benchmarks/fault_injection.py (20 + 5 kills in full) stays runnable: one kill of each kind."""
-    from conftest import REPO
-
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_injection.py"), "--parent-kills", "1",
                            "--worker-kills", "1", "--workdir", str(tmp_path / "faults")],
                           capture_output=True, text=True, timeout=600)

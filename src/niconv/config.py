@@ -48,6 +48,8 @@ class InputSpec(_Model):
     root: list[Path] = Field(description="input folder(s)")
     include: Optional[list[str]] = Field(None, description="globs relative to a root; default: every file the converter reads")
     exclude: list[str] = Field(default_factory=list)
+    label_maps: list[str] = Field(
+        default_factory=list, description="globs of inputs that are label maps (values kept, nearest neighbour, no window)")
     identity: Literal["mtime", "content"] = Field(
         "mtime", description="what tells a changed input: size + mtime, or a sha256 of the content")
 
@@ -59,7 +61,7 @@ class InputSpec(_Model):
             raise ValueError("expected a folder or a list of folders, found an empty list")
         return [_required_path(x, info) for x in items]
 
-    @field_validator("include", "exclude", mode="before")
+    @field_validator("include", "exclude", "label_maps", mode="before")
     @classmethod
     def _globs(cls, v):
         return [v] if isinstance(v, str) else v

@@ -41,6 +41,9 @@ class Task:
         optional pair is absent.
     bytes_in : int
         Size of the input file(s) in bytes.
+    label_map : bool
+        The input matches ``input.label_maps``: converters keep its values
+        (nearest neighbour, no window, no intensity step).
     """
 
     task_id: str
@@ -51,6 +54,7 @@ class Task:
     options: Any
     pairs: tuple[tuple[str, str | None], ...] = ()
     bytes_in: int = 0
+    label_map: bool = False
 
     def pair(self, role: str) -> str | None:
         """The path of the extra input playing ``role``, or None."""

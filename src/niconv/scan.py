@@ -4,8 +4,9 @@ Each input maps to one output path under the output root (mirroring the input
 tree by default, so names never collide); a collision is an error before any
 work starts, and so is any output that could write an input or leave the real
 output root (:func:`niconv.safety.check_plan`). Files that pair with an input
-(a reference image, a label map) are found by pattern and are not converted on
-their own.
+(a reference image, a label map) are found by pattern (a glob or a list of
+patterns, first match wins; never the input itself) and are not converted on
+their own. Inputs matching ``input.label_maps`` are marked as label maps.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from .writers import TEMP_PREFIX
 
 # ** spans folders, matching ignores case (.NII.GZ, .PAR), hidden files are matched too
 _GLOB_FLAGS = wglob.GLOBSTAR | wglob.IGNORECASE | wglob.DOTGLOB | wglob.BRACE
+# pairing globs name files like their literal patterns do: case matters, hidden files are left out
+_PAIR_GLOB_FLAGS = wglob.GLOBSTAR
 
 
 def default_include(kind: str) -> list[str]:
@@ -47,7 +50,8 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     ------
     ScanError
         If an input root does not exist, two inputs would write the same output,
-        a pairing pattern pairs an input with itself, or an output could write an
+        a pairing pattern pairs an input with itself, a glob pairing pattern
+        matches more than one file for an input, or an output could write an
         input or land outside the real output root (:func:`niconv.safety.check_plan`).
     ConfigError
         If the log or run record is an input, or exists and is not niconv's.
@@ -59,6 +63,7 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     out_root = Path(config.output.root)
     roles = conv.pairs(options)
     scanned = _matcher(include, exclude)
+    label_maps = _matcher(config.input.label_maps, []) if config.input.label_maps else (lambda rel: False)
 
     found: list[tuple[Path, str]] = []
     for root in config.input.root:
@@ -69,10 +74,19 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     # a file that is another input's pair (its label map, its reference) is not an input itself
     paired: set[str] = set()
     resolved_pairs = []
+    ambiguous: dict[str, list[str]] = defaultdict(list)
     for root, rel in found:
-        pairs = tuple((role, _find_pair(root, rel, spec)) for role, spec in sorted(roles.items()))
+        pairs = []
+        for role, spec in sorted(roles.items()):
+            try:
+                pairs.append((role, _find_pair(root, rel, spec)))
+            except _AmbiguousPair as exc:
+                ambiguous[role].append(str(exc))
+                pairs.append((role, None))
+        pairs = tuple(pairs)
         paired.update(os.path.abspath(p) for _, p in pairs if p)
         resolved_pairs.append(pairs)
+    _refuse_ambiguous_pairs(ambiguous, roles, options)
     _refuse_self_pairs(found, resolved_pairs, roles, options)
     sources = [str(root / rel) for root, rel in found] + sorted(paired)
 
@@ -93,6 +107,9 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         identity = {"path": rel, **_identity(src, config.input.identity),
                     "pairs": {role: (_identity(Path(p), config.input.identity) | {"path": str(p)}) if p else None
                               for role, p in pairs}}
+        label_map = label_maps(rel)
+        if label_map:  # only then: the ids of runs without input.label_maps stay what they were
+            identity["label_map"] = True
         companions = _companions(src)
         sources.extend(str(c) for c in companions)
         if companions:  # the voxels of an .hdr live in its .img: a changed .img is a changed input
@@ -106,6 +123,7 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
             options=options,
             pairs=pairs,
             bytes_in=_bytes(src),
+            label_map=label_map,
         ))
     clashes = {out: srcs for out, srcs in owners.items() if len(srcs) > 1}
     if clashes:
@@ -158,23 +176,62 @@ def _refuse_self_pairs(found, resolved_pairs, roles: dict, options) -> None:
         selves = [str(root / rel) for (root, rel), pairs in zip(found, resolved_pairs)
                   if (p := dict(pairs)[role]) and os.path.realpath(p) == os.path.realpath(root / rel)]
         if selves:
-            key = next((name for name, value in options if value == pattern), role)
-            raise ScanError(f"convert.{key}", f"the pattern {pattern!r} pairs {len(selves)} input(s) with "
+            key = _option_key(options, pattern, role)
+            raise ScanError(f"convert.{key}", f"the pattern {converters.show_patterns(pattern)} pairs {len(selves)} input(s) with "
                                               f"themselves ({show_some(selves)}): a {role} must be another file, e.g. "
                                               f"'{{stem}}_{role}.nii.gz', or the same name in another folder "
                                               f"(convert.{key}_root)")
 
 
+def _refuse_ambiguous_pairs(ambiguous: dict[str, list[str]], roles: dict, options) -> None:
+    """A glob pattern that matches more than one file for an input leaves its pairing to chance."""
+    for role, problems in sorted(ambiguous.items()):
+        pattern = roles[role][0]
+        key = _option_key(options, pattern, role)
+        raise ScanError(f"convert.{key}", f"a pairing pattern must find one {role} per input; for "
+                                          f"{len(problems)} input(s) a glob matches more than one file: "
+                                          f"{show_some(problems)}; make the pattern narrower, or give a list "
+                                          f"of patterns (the first that finds a file wins)")
+
+
+def _option_key(options, pattern, role: str) -> str:
+    """The converter option holding a pairing pattern (``labels``, ``reference``)."""
+    return next((name for name, value in options if value == pattern), role)
+
+
+class _AmbiguousPair(Exception):
+    """A glob pairing pattern matched several files for one input (the message names them)."""
+
+
 def _find_pair(root: Path, rel: str, spec) -> str | None:
+    """The file paired with the input ``root / rel``: the first pattern that finds one, or None.
+
+    Each pattern is tried in the input's folder (with a pairing root: the
+    mirrored folder, then the root itself). A literal pattern names one file; a
+    glob (``{stem}.*``) may match only one file there, never the input itself
+    nor a temporary file, or :class:`_AmbiguousPair` is raised.
+    """
     pattern, pair_root, _required = spec
     relp = PurePosixPath(rel)
-    stem = image_stem(relp.name)
-    name = pattern.format(stem=stem, name=relp.name, parent=relp.parent.name)
-    candidates = ([Path(pair_root) / relp.parent / name, Path(pair_root) / name] if pair_root
-                  else [root / relp.parent / name])
-    for c in candidates:
-        if c.exists():
-            return str(c)
+    fields = {"stem": image_stem(relp.name), "name": relp.name, "parent": relp.parent.name}
+    folders = [Path(pair_root) / relp.parent, Path(pair_root)] if pair_root else [root / relp.parent]
+    me = os.path.realpath(root / rel)
+    for p in converters.pattern_list(pattern):
+        for folder in folders:
+            if not converters.is_glob(p):
+                candidate = folder / p.format(**fields)
+                if candidate.exists():
+                    return str(candidate)
+                continue
+            # the input's own names are matched literally, whatever characters they hold
+            glob = p.format(**{k: wglob.escape(v) for k, v in fields.items()})
+            hits = sorted(str(folder / m) for m in wglob.glob(glob, root_dir=folder, flags=_PAIR_GLOB_FLAGS)
+                          if not PurePosixPath(m).name.startswith(TEMP_PREFIX)
+                          and os.path.isfile(folder / m) and os.path.realpath(folder / m) != me)
+            if len(hits) > 1:
+                raise _AmbiguousPair(f"{root / rel}: {p!r} matches {', '.join(hits)}")
+            if hits:
+                return hits[0]
     return None
 
 

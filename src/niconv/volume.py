@@ -782,6 +782,7 @@ def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
         or holds Python objects (never unpickled).
     """
     p = check_input_file(path)
+    name = None
     try:
         if p.suffix.lower() == ".npz":
             with np.load(p, allow_pickle=False) as archive:
@@ -796,6 +797,28 @@ def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
     except InputError:
         raise
     except (ValueError, OSError, EOFError, zlib.error) as exc:
+        dtype = _npy_header_dtype(p, name)
+        if dtype is not None and dtype.hasobject:
+            member = f"array '{name}'" if name else "array"
+            raise InputError(str(p), f"the {member} holds Python objects (dtype {dtype}), not numbers; niconv "
+                                     "never unpickles a file (allow_pickle=False): save a numeric array") from exc
         raise InputError(str(p), f"not a readable NumPy file ({_first_line(exc)})") from exc
     except Exception as exc:  # zipfile.BadZipFile and friends
         raise InputError(str(p), f"not a readable NumPy file ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _npy_header_dtype(path: Path, member: str | None = None) -> np.dtype | None:
+    """The dtype a ``.npy`` (or an ``.npz``'s ``member``) declares in its header; None if unreadable.
+
+    Reads the header text only (a literal, never unpickled), to word a refusal.
+    """
+    import zipfile
+
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with zipfile.ZipFile(path) if member else open(path, "rb") as holder:
+            with holder.open(member + ".npy") if member else holder as f:
+                read = readers.get(np.lib.format.read_magic(f))
+                return np.dtype(read(f)[2]) if read else None
+    except Exception:  # noqa: BLE001 - only for the wording of an error already being raised
+        return None

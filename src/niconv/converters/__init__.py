@@ -74,7 +74,8 @@ class Converter:
     pairs : callable
         ``pairs(options) -> dict[role, (pattern, root or None, required)]``: the
         extra inputs each task needs (a reference image, a label map), found by
-        formatting ``pattern`` with ``{stem}``, ``{name}``, ``{parent}``.
+        formatting ``pattern`` (a string, or a tuple of them tried in order) with
+        ``{stem}``, ``{name}``, ``{parent}``; see :func:`check_pair_patterns`.
     memory_factor : float
         Peak memory of one task as a multiple of the input array's size in
         bytes, used by the runner's memory budget.
@@ -102,28 +103,62 @@ class Converter:
     output_paths: Callable[[Any], tuple[str, ...]] = lambda task: (task.output_path,)
 
 
-#: The placeholders of a pair pattern (``reference``, ``labels``), filled for each input.
+#: Placeholders of a pairing pattern: the input's name without image extensions,
+#: its full name, and the name of its folder.
 PATTERN_FIELDS = ("stem", "name", "parent")
+_GLOB_CHARS = frozenset("*?[")
 
 
-def pattern_fields(pattern: str) -> set[str]:
-    """The placeholders a pair pattern uses, e.g. ``{"stem"}`` for ``"{stem}_seg.nii.gz"``.
+def pattern_list(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A pairing pattern option as the tuple of patterns tried in order."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def is_glob(pattern: str) -> bool:
+    """True if the pattern's own text (not its placeholders) holds a wildcard (``*``, ``?``, ``[``)."""
+    return any(_GLOB_CHARS & set(text) for text, _, _, _ in string.Formatter().parse(pattern))
+
+
+def show_patterns(value: str | tuple[str, ...]) -> str:
+    """``'{stem}.nii.gz'``, or ``any of '{stem}.nii.gz', '{stem}.mgz'`` for messages."""
+    patterns = pattern_list(value)
+    quoted = ", ".join(repr(p) for p in patterns)
+    return quoted if len(patterns) == 1 else f"any of {quoted}"
+
+
+def check_pair_patterns(value, placeholder_required: bool = True):
+    """Validate a pairing pattern option: one pattern or a non-empty list, tried in order.
+
+    A pattern names a file relative to the input's folder (or the pairing root)
+    with the placeholders of :data:`PATTERN_FIELDS`, e.g. ``"{stem}_seg.nii.gz"``;
+    a wildcard in its own text makes it a glob (``"{stem}.*"``), whose matches
+    are sorted and must be one file. Usable in a pydantic ``field_validator``.
 
     Raises
     ------
     ValueError
-        If the pattern is not a valid format string or uses a placeholder
-        other than :data:`PATTERN_FIELDS` (in words, for the config's message).
+        For an empty list, a malformed pattern, an unknown placeholder, or, with
+        ``placeholder_required``, a pattern without a placeholder (every input
+        would pair with the same file).
     """
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
-    except ValueError as exc:
-        raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
-    unknown = sorted(f for f in fields if f not in PATTERN_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {pattern!r}; "
-                         f"expected {', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
-    return fields
+    if value is None:
+        return None
+    patterns = pattern_list(value)
+    if not patterns:
+        raise ValueError("expected a pattern or a list of patterns (first match wins), found an empty list")
+    for v in patterns:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"invalid pattern {v!r}: {exc}") from None
+        unknown = sorted(f for f in fields if f not in PATTERN_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {v!r}; "
+                             f"expected {', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
+        if placeholder_required and not fields:
+            raise ValueError(f"pattern {v!r} has no placeholder: every image would pair with the same file; "
+                             f"use {{stem}} (e.g. \"{{stem}}_seg.nii.gz\")")
+    return value
 
 
 def names() -> tuple[str, ...]:

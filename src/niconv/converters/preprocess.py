@@ -6,6 +6,13 @@ crop_pad) run identically on a paired label map, with nearest-neighbour
 interpolation and no intensity step, so image and label stay voxel-aligned and
 the label map keeps only its original label values.
 
+An input that matches ``input.label_maps`` (an atlas, a segmentation) is itself
+treated as a label map: only the spatial steps run on it, with nearest
+neighbour (``resample`` at order 0, ``crop_pad`` padding with 0), ``normalize``,
+``clip`` and ``cast`` are skipped (recorded in ``details``), and ``data`` keeps
+its integer dtype. An image treated as intensities that looks like a label map
+(:func:`niconv.ops.labels.looks_like_label_map`) gets a warning in ``details``.
+
 Output
 ------
 ``format: npz`` (default) writes one ``.npz`` readable with plain :func:`numpy.load`:
@@ -52,13 +59,16 @@ from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedI
 from ..ops import crop as crop_ops
 from ..ops import intensity as iops
 from ..ops import resample as rs
+from ..ops.labels import label_map_warnings
 from ..ops.orientation import axcodes, reorient
 from ..paths import resolve_path
 from ..volume import read_volume
 from ..writers import atomic_output
-from . import Conversion, Converter, pattern_fields
+from . import Conversion, Converter, check_pair_patterns, show_patterns
 
 STEP_NAMES = ("reorient", "resample", "normalize", "clip", "crop_pad", "cast")
+# steps that change values, not the grid: a label map (input.label_maps) skips them
+INTENSITY_STEPS = ("normalize", "clip", "cast")
 CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
 _SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
 _AXIS_PAIRS = ("LR", "AP", "SI")
@@ -251,9 +261,11 @@ class Options(_Model):
     steps : tuple of steps
         Ordered; each a one-key mapping (``{"resample": {"spacing": [1, 1, 1]}}``).
         ``cast``, if present, comes last.
-    labels : str or None
+    labels : str, tuple of str, or None
         Pairing pattern of the label map, formatted with ``{stem}``, ``{name}``,
-        ``{parent}`` of the image, e.g. ``"{stem}_seg.nii.gz"``.
+        ``{parent}`` of the image, e.g. ``"{stem}_seg.nii.gz"``; a glob
+        (``"{stem}_seg.*"``, one match) or a list of patterns, the first that
+        finds a file wins (:func:`niconv.converters.check_pair_patterns`).
     labels_root : pathlib.Path or None
         Folder holding the label maps (relative to the config file's folder);
         None looks beside each image.
@@ -274,8 +286,9 @@ class Options(_Model):
     to: Literal["preprocess"] = "preprocess"
     steps: tuple[Step, ...] = Field(
         (), description="ordered steps, each a one-key mapping: reorient, resample, normalize, clip, crop_pad, cast")
-    labels: Optional[str] = Field(
-        None, description="pattern of each image's label map, e.g. '{stem}_seg.nii.gz' ({stem}, {name}, {parent})")
+    labels: Optional[Union[str, tuple[str, ...]]] = Field(
+        None, description="pattern of each image's label map, e.g. '{stem}_seg.nii.gz' ({stem}, {name}, {parent}; "
+                          "a glob such as '{stem}_seg.*', or a list tried in order)")
     labels_root: Optional[Path] = Field(
         None, description="folder holding the label maps (mirrored like the input tree); default: beside each image")
     labels_required: bool = Field(True, description="true: a missing label map fails the task; false: converted without")
@@ -318,15 +331,7 @@ class Options(_Model):
                              f"(steps after it would work on the cast dtype)")
         return tuple(items)
 
-    @field_validator("labels")
-    @classmethod
-    def _pattern(cls, v):
-        if v is None:
-            return v
-        if not pattern_fields(v):
-            raise ValueError(f"pattern {v!r} has no placeholder: every image would pair with the same file; "
-                             f"use {{stem}} (e.g. \"{{stem}}_seg.nii.gz\")")
-        return v
+    _labels = field_validator("labels")(lambda v: check_pair_patterns(v))
 
     @model_validator(mode="after")
     def _labels_root_needs_labels(self):
@@ -382,13 +387,16 @@ def convert(task, options: Options) -> Conversion:
         Outputs, shapes, dtypes, input zooms/axcodes, and ``details``: shape,
         spacing, orientation and affine before and after; the steps with their
         defaults; per step and channel the intensity statistics used; NaN
-        voxels replaced; label values.
+        voxels replaced; label values; ``label_map`` for an input matching
+        ``input.label_maps`` (its skipped intensity steps in ``applied``);
+        ``warnings`` when an image treated as intensities looks like a label map.
 
     Raises
     ------
     InputError
         Unreadable image or label map, label map on another voxel grid, a
-        required label map missing, NaN under ``nan: error``, a cast overflow.
+        required label map missing, an input listed in ``input.label_maps``
+        that holds no integer labels, NaN under ``nan: error``, a cast overflow.
     SkippedInput
         RGB or complex images, more than 4 dimensions, DICOM (logged as ``skipped``).
     OutputError
@@ -397,9 +405,9 @@ def convert(task, options: Options) -> Conversion:
     label_path = task.pair("label")
     if options.labels is not None and label_path is None and options.labels_required:
         root = options.labels_root or "the image's folder"
-        raise InputError(task.input_path, f"label map not found: expected {options.labels!r} in {root} "
+        raise InputError(task.input_path, f"label map not found: expected {show_patterns(options.labels)} in {root} "
                                           f"(set labels_required: false to convert images without one)")
-    return _preprocess(task.input_path, task.output_path, options, label_path)
+    return _preprocess(task.input_path, task.output_path, options, label_path, task.label_map)
 
 
 def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout: str = "channels_first",
@@ -457,15 +465,21 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
 # ---------------------------------------------------------------- the pipeline
 
 
-def _preprocess(image_path: str, output_path: str, options: Options, label_path: str | None) -> Conversion:
+def _preprocess(image_path: str, output_path: str, options: Options, label_path: str | None,
+                label_map: bool = False) -> Conversion:
     vol = read_volume(image_path)
     image, raw = vol.image, vol.data
     affine = vol.affine
     zooms, in_axcodes = vol.zooms, vol.axcodes
     in_shape, in_dtype = tuple(int(s) for s in raw.shape), raw.dtype
     del vol
-    _check_image_dtype(image_path, raw)
-    arr = _channels_first(image_path, raw)
+    if label_map:  # the input matches input.label_maps: only the spatial steps, nearest neighbour
+        arr = _label_array(image_path, raw, "matches input.label_maps, so it must be a label map")
+        warnings = []
+    else:
+        _check_image_dtype(image_path, raw)
+        warnings = label_map_warnings(raw, "preprocessed as intensities (interpolated, intensity steps applied)")
+        arr = _channels_first(image_path, raw)
     del raw
 
     details: dict = {
@@ -476,28 +490,39 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
         "applied": [],
     }
     details["before"]["dtype"] = in_dtype.name
+    if label_map:
+        details["label_map"] = True
+    if warnings:
+        details["warnings"] = warnings
 
     label = None
     if label_path is not None:
         label = _read_label(label_path, arr.shape[1:], affine)
         details["label"] = {"path": str(label_path), "values_before": _label_values(label)}
 
-    # float32 working copy, C-ordered per channel; the input array is dropped
-    bad = iops.count_nonfinite(arr)
-    if bad and options.nan == "error":
-        raise InputError(image_path, f"{bad} voxels are NaN or infinite (nan: error); "
-                                     f"set nan: zero to replace them by 0, or nan: keep")
-    arr = _as_float32(arr)
-    if bad and options.nan == "zero":
-        for c in range(arr.shape[0]):
-            iops.replace_nonfinite(arr[c], 0.0)
-    details["nan"]["voxels"] = bad
+    if not label_map:  # a label map keeps its own dtype (its values are finite, checked)
+        # float32 working copy, C-ordered per channel; the input array is dropped
+        bad = iops.count_nonfinite(arr)
+        if bad and options.nan == "error":
+            raise InputError(image_path, f"{bad} voxels are NaN or infinite (nan: error); "
+                                         f"set nan: zero to replace them by 0, or nan: keep")
+        arr = _as_float32(arr)
+        if bad and options.nan == "zero":
+            for c in range(arr.shape[0]):
+                iops.replace_nonfinite(arr[c], 0.0)
+        details["nan"]["voxels"] = bad
 
     for i, step in enumerate(options.steps):
         name = _step_key(step)
         where = f"steps[{i}].{name}"
+        params = getattr(step, name)
+        if label_map:
+            if name in INTENSITY_STEPS:
+                details["applied"].append({"step": i, "name": name, "skipped": "label map: no intensity step"})
+                continue
+            params = _as_label_step(name, params)
         try:
-            arr, affine, label, info = _apply(name, getattr(step, name), arr, affine, label)
+            arr, affine, label, info = _apply(name, params, arr, affine, label)
         except NiconvError as exc:
             if exc.where:
                 raise
@@ -518,7 +543,7 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
     if label is not None:
         details["label"]["values_after"] = _label_values(label)
 
-    outputs = _write(output_path, options, arr, affine, label, image)
+    outputs = _write(output_path, options, arr, affine, label, image, "label" if label_map else None)
     return Conversion(
         outputs=tuple(outputs),
         input_shape=in_shape,
@@ -597,6 +622,15 @@ def _apply(name, p, arr, affine, label):
     raise ValueError(f"unknown step {name!r}")  # unreachable: validated
 
 
+def _as_label_step(name: str, params):
+    """A spatial step's parameters for a label map: nearest neighbour, background 0 (as for a paired label)."""
+    if name == "resample":
+        return params.model_copy(update={"order": 0, "antialias": False})
+    if name == "crop_pad":
+        return params.model_copy(update={"pad_value": 0.0, "threshold": None})
+    return params
+
+
 def _reorient4(arr, affine, target):
     data, new_affine = reorient(np.moveaxis(arr, 0, -1), affine, target)
     return np.moveaxis(data, -1, 0), new_affine
@@ -642,17 +676,26 @@ def _as_float32(arr: np.ndarray) -> np.ndarray:
 
 def _read_label(path: str, shape, affine) -> np.ndarray:
     lab = read_volume(path)
-    data = lab.data
+    data = _label_array(path, lab.data)
+    rs.check_same_grid(shape, affine, data.shape[1:], lab.affine, path)
+    return data
+
+
+def _label_array(path: str, data: np.ndarray, why: str = "") -> np.ndarray:
+    """A label map's voxels as ``(1, X, Y, Z)`` in their own dtype, after checking they are labels.
+
+    ``why`` says, in the messages, why the file must be a label map.
+    """
+    what = f"label map ({why})" if why else "label map"
     if data.dtype.fields is not None or data.dtype.kind not in "biuf":
-        raise InputError(path, f"label map voxels are {data.dtype}; expected integer labels")
+        raise InputError(path, f"{what}: voxels are {data.dtype}; expected integer labels")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(path, f"label map shape {fmt_shape(data.shape)}: expected (X, Y, Z)")
-    rs.check_same_grid(shape, affine, data.shape, lab.affine, path)
+        raise InputError(path, f"{what}: shape {fmt_shape(data.shape)}; expected (X, Y, Z)")
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise InputError(path, "label map holds non-integer or NaN values; expected integer labels")
+            raise InputError(path, f"{what}: holds non-integer or NaN values; expected integer labels")
     return data[None]
 
 
@@ -675,7 +718,7 @@ def _geometry(arr: np.ndarray, affine: np.ndarray) -> dict:
 # ---------------------------------------------------------------- writing
 
 
-def _write(output_path: str, options: Options, arr, affine, label, image) -> list[str]:
+def _write(output_path: str, options: Options, arr, affine, label, image, intent: str | None = None) -> list[str]:
     spacing = np.asarray(rs.spacing_of(affine), dtype=np.float64)
     affine = np.asarray(affine, dtype=np.float64)
     outputs = [str(output_path)]
@@ -699,7 +742,7 @@ def _write(output_path: str, options: Options, arr, affine, label, image) -> lis
     xyzc = arr if options.layout == "channels_last" else np.moveaxis(arr, 0, -1)
     if xyzc.shape[-1] == 1:
         xyzc = xyzc[..., 0]
-    _write_nifti(output_path, xyzc, affine, image, intent=None)
+    _write_nifti(output_path, xyzc, affine, image, intent=intent)
     if label is not None:
         lab = label[0] if options.layout == "channels_first" else label[..., 0]
         _write_nifti(label_path, lab, affine, image, intent="label")

@@ -17,12 +17,15 @@ What the images show (see :mod:`niconv.ops.planes` and :mod:`niconv.ops.window`)
 - Square pixels in mm (``aspect: spacing``, default): the coarser in-plane
   axis is stretched to the finer spacing; ``aspect: raw`` keeps one pixel per voxel.
 - One intensity window per volume (never per slice), from finite values only.
-- Label maps (``label: true``, or auto-detected: NIfTI intent
-  ``NIFTI_INTENT_LABEL``/``NIFTI_INTENT_NEURONAME``, or an integer image
-  holding only 0 and 1) are resampled with nearest neighbour and
+- Label maps (inputs matching ``input.label_maps``, ``label: true``, or
+  auto-detected: NIfTI intent ``NIFTI_INTENT_LABEL``/``NIFTI_INTENT_NEURONAME``,
+  or an integer image holding only 0 and 1) are resampled with nearest neighbour and
   written losslessly: pixel value = label value when every label fits the bit
   depth, else the rank of the label in the sorted label values (the table is
   in the log). ``label_colors: true`` writes them as RGB through a fixed colour table.
+- A volume exported through a window that looks like a label map (integer,
+  at most 256 distinct values in regions of one value,
+  :func:`niconv.ops.labels.looks_like_label_map`) gets a warning in ``details``.
 - RGB/RGBA images (NIfTI RGB24/RGBA32) are written in colour, 8 bits per channel.
 - Complex data needs ``complex: magnitude`` or ``complex: phase`` (radians).
 - Reruns are byte-identical: no timestamps or software names in the files,
@@ -44,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from ..errors import ConfigError, InputError, OutputError, UnsupportedInput
 from ..manifest import Task
 from ..ops import planes as P
+from ..ops.labels import label_map_warnings
 from ..ops.window import DEFAULT_PERCENTILES, Window, apply_window, compute_window, \
     label_colors, label_to_uint, parse_window_spec
 from ..volume import Volume, image_stem, read_volume
@@ -88,7 +92,8 @@ class Options(BaseModel):
     interpolation : {"nearest", "linear", "cubic", "lanczos"}
         For the aspect resampling of intensity images (label maps: always nearest).
     label : bool or None
-        Treat the image as a label map; None (default) detects it.
+        Treat the image as a label map; None (default) detects it. Inputs that
+        match ``input.label_maps`` are label maps whatever this says.
     label_colors : bool
         Write label maps as RGB through a fixed colour table instead of their values.
     volumes : "all" or tuple of int
@@ -283,7 +288,9 @@ def convert(task: Task, options: Options) -> Conversion:
         in pixels), ``slices_per_plane``, ``pixel_mm`` per plane, ``spacing_mm``
         (RAS+), ``window`` (one record per exported volume with the numbers
         used), ``label``, ``rgb``, ``bit_depth``, ``format``, ``convention``,
-        ``aspect``, ``volumes``, ``removed_stale``.
+        ``aspect``, ``volumes``, ``removed_stale``; ``label_map`` when the input
+        matches ``input.label_maps``; ``warnings`` when a volume exported
+        through a window looks like a label map.
 
     Raises
     ------
@@ -314,10 +321,17 @@ def convert(task: Task, options: Options) -> Conversion:
 
     ras, _, spacing = P.to_ras(data, vol.affine)
     rgb = rgb_fields is not None
-    label = False if rgb else (opts.label if opts.label is not None else _is_label_map(vol, data))
+    if rgb:
+        label = False
+    elif task.label_map:  # the input matches input.label_maps: the user said so for this file
+        label = True
+    else:
+        label = opts.label if opts.label is not None else _is_label_map(vol, data)
+    warnings = [] if label or rgb else label_map_warnings(vol.data, "exported through an intensity window")
     if label and opts.format == "jpg" and not opts.label_colors:
+        undo = "leave it out of input.label_maps" if task.label_map else "label: false"
         raise UnsupportedInput(src, "a label map cannot be written as jpg: lossy compression creates new label "
-                                    "values; use format png or tiff, label_colors: true, or label: false")
+                                    f"values; use format png or tiff, label_colors: true, or {undo}")
     bit_depth = 8 if rgb or (label and opts.label_colors) else opts.bit_depth
 
     out_dir = Path(task.output_path)
@@ -378,6 +392,10 @@ def convert(task: Task, options: Options) -> Conversion:
         "volumes": volumes,
         "removed_stale": removed,
     }
+    if task.label_map:
+        details["label_map"] = True
+    if warnings:
+        details["warnings"] = warnings
     return Conversion(
         outputs=tuple(sorted(written)),
         input_shape=tuple(int(s) for s in vol.data.shape),

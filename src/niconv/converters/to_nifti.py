@@ -5,15 +5,24 @@ their codes, xyzt_units, pixdim (TR in pixdim[4]), descrip, intent, header
 extensions. The array's own dtype is what gets stored (the header's datatype
 is set from the array and its scl_slope/scl_inter are cleared), so a float
 prediction saved against an int16 reference is not re-quantized.
+
+Dtypes: every NIfTI voxel type is stored as itself, int64 and uint64 included
+(NIfTI datatypes 1024 and 1280); bool is stored as uint8 0/1; float16, object
+and string arrays are refused with an :class:`~niconv.errors.InputError` naming
+the dtype (:func:`nifti_array`). Arrays are read with ``allow_pickle=False``.
+An array matching ``input.label_maps`` gets the intent ``NIFTI_INTENT_LABEL``.
+Patterns of ``reference`` may be globs (``"{stem}.*"``) or a list, first match
+wins (:func:`niconv.converters.check_pair_patterns`).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import codec
@@ -22,7 +31,7 @@ from ..errors import InputError
 from ..log import fmt_dtype
 from ..volume import image_stem, load_image, read_array
 from ..writers import atomic_output
-from . import Conversion, Converter, pattern_fields, seed_output
+from . import Conversion, Converter, check_pair_patterns, seed_output, show_patterns
 
 class Options(BaseModel):
     """Options of ``to: nifti``."""
@@ -31,8 +40,9 @@ class Options(BaseModel):
     to: Literal["nifti"] = "nifti"
     affine: Optional[tuple[tuple[float, float, float, float], ...]] = Field(
         None, description="4x4 voxel-to-world (RAS+ mm) affine for every array")
-    reference: Optional[str] = Field(
-        None, description="pattern of each array's reference image, e.g. '{stem}.nii.gz' ({stem}, {name}, {parent})")
+    reference: Optional[Union[str, tuple[str, ...]]] = Field(
+        None, description="pattern of each array's reference image, e.g. '{stem}.nii.gz' ({stem}, {name}, {parent}; "
+                          "a glob such as '{stem}.*', or a list tried in order)")
     reference_root: Optional[Path] = Field(
         None, description="folder holding the references (mirrored like the input tree); default: beside each array")
     key: Optional[str] = Field(None, description=".npz member to convert; default 'data', else the first")
@@ -40,13 +50,7 @@ class Options(BaseModel):
     level: Optional[int] = Field(None, ge=0, le=9, description="gzip level; default fast")
 
     _root = field_validator("reference_root", mode="before")(resolve_path)
-
-    @field_validator("reference")
-    @classmethod
-    def _pattern(cls, v):
-        if v is not None:
-            pattern_fields(v)  # one reference for every array (no placeholder) is fine
-        return v
+    _reference = field_validator("reference")(lambda v: check_pair_patterns(v, placeholder_required=False))
 
     @field_validator("affine")
     @classmethod
@@ -83,7 +87,8 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
     Parameters
     ----------
     data : numpy.ndarray
-        Shape ``(X, Y, Z[, T, ...])``; stored with its own dtype.
+        Shape ``(X, Y, Z[, T, ...])``; stored with its own dtype (int64 and
+        uint64 too), except bool, stored as uint8 0/1 (see :func:`nifti_array`).
     affine : array-like, optional
         ``(4, 4)`` voxel-to-world affine (RAS+ mm). Ignored with ``reference``.
     reference : str, optional
@@ -96,16 +101,15 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
     ------
     InputError
         If ``data`` has fewer than 3 dimensions, no values (a zero in its shape)
-        or an object dtype, or its spatial shape ``(X, Y, Z)`` differs from the
-        reference's.
+        or a dtype NIfTI cannot store (float16, object, strings), or its spatial
+        shape ``(X, Y, Z)`` differs from the reference's.
     """
     if data.ndim < 3:
         raise InputError(where, f"expected a volume of shape (X, Y, Z[, T]), found shape {data.shape}")
     if data.size == 0:
         shape = "x".join(map(str, data.shape))
         raise InputError(where, f"the array holds no values (shape {shape}); a NIfTI image needs at least one voxel")
-    if data.dtype.hasobject:
-        raise InputError(where, "object arrays cannot be stored in NIfTI")
+    data = nifti_array(data, where)
     if reference is not None:
         ref = load_image(reference)
         ref_shape = tuple(ref.shape[:3])
@@ -120,11 +124,42 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
             img.set_sform(ref.header.get_sform(), int(ref.header["sform_code"]))
     else:
         matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
-        img = _image_class(data.shape)(data, matrix)
+        # dtype given: nibabel refuses int64 arrays without it (a warning about other tools)
+        img = _image_class(data.shape)(data, matrix, dtype=data.dtype)
         img.header.set_xyzt_units("mm", "sec")
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(np.nan, np.nan)
     return img
+
+
+def nifti_array(data: np.ndarray, where: str = "") -> np.ndarray:
+    """``data`` as NIfTI stores it: bool as uint8 0/1 (a view), any other dtype NIfTI has as itself.
+
+    NIfTI has (u)int8 to (u)int64, float32/64/128, complex64/128/256 and RGB(A)
+    voxel types; int64 is kept as int64 (NIfTI datatype 1024), so niconv's own
+    int64 outputs come back unchanged.
+
+    Raises
+    ------
+    InputError
+        For a dtype NIfTI has no voxel type for (float16, object, strings, dates),
+        naming the dtype.
+    """
+    dtype = data.dtype
+    if dtype.kind == "b":
+        return data.view(np.uint8)
+    if dtype.hasobject:
+        why = "it holds Python objects, not numbers"
+    elif dtype.kind == "f" and dtype.itemsize == 2:
+        why = "NIfTI has no half-precision voxel type; cast it to float32 first"
+    else:
+        try:
+            nib.Nifti1Header().set_data_dtype(dtype)
+            return data
+        except HeaderDataError:
+            why = "NIfTI has no voxel type for it"
+    raise InputError(where, f"an array of dtype {dtype} cannot be stored in NIfTI: {why} (expected bool, "
+                            f"integers, float32/float64, complex or RGB)")
 
 
 def _image_class(shape, ref_header=None):
@@ -134,8 +169,12 @@ def _image_class(shape, ref_header=None):
     return nib.Nifti1Image
 
 
-def write_nifti(input_path: str, output_file: str, options: Options, reference: str | None = None) -> Conversion:
+def write_nifti(input_path: str, output_file: str, options: Options, reference: str | None = None,
+                label_map: bool = False) -> Conversion:
     """Convert one ``.npy``/``.npz`` to ``output_file`` (``.nii.gz`` or ``.nii``), atomically.
+
+    ``label_map`` (the array matches ``input.label_maps``) sets the NIfTI intent
+    to ``NIFTI_INTENT_LABEL``, so viewers and ``to: slices`` show its values.
 
     Raises
     ------
@@ -147,10 +186,12 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         If the output cannot be written.
     """
     if options.reference is not None and reference is None:
-        raise InputError(input_path, f"no reference image matching '{options.reference}' was found"
+        raise InputError(input_path, f"no reference image matching {show_patterns(options.reference)} was found"
                                      + (f" in {options.reference_root}" if options.reference_root else " beside it"))
     data = np.asanyarray(read_array(input_path, options.key))
     img = array_to_image(data, options.affine, reference, where=input_path)
+    if label_map:
+        img.header.set_intent("label")
     with atomic_output(output_file) as tmp:
         codec.write_nifti_gz(img, tmp, level=options.level)
     return Conversion(
@@ -161,12 +202,12 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         output_dtype=fmt_dtype(img.get_data_dtype()),
         zooms=tuple(float(z) for z in img.header.get_zooms()),
         axcodes="".join(c or "?" for c in nib.aff2axcodes(img.affine)),
-        details={"reference": reference} if reference else {},
+        details={**({"reference": reference} if reference else {}), **({"label_map": True} if label_map else {})},
     )
 
 
 def convert(task, options: Options) -> Conversion:
-    return write_nifti(task.input_path, task.output_path, options, task.pair("reference"))
+    return write_nifti(task.input_path, task.output_path, options, task.pair("reference"), task.label_map)
 
 
 def numpy_to_nifti(npy_path, output_path, affine=None, reference_nifti=None, debug=False) -> str:
@@ -198,8 +239,13 @@ def numpy_to_nifti(npy_path, output_path, affine=None, reference_nifti=None, deb
     FileNotFoundError
         If ``npy_path`` or ``reference_nifti`` does not exist.
     ValueError
-        If the array's spatial shape does not match the reference's, or a file
-        is unreadable (:class:`niconv.errors.InputError`).
+        If the array's spatial shape does not match the reference's, its dtype
+        has no NIfTI voxel type (float16, object), or a file is unreadable
+        (:class:`niconv.errors.InputError`).
+
+    Notes
+    -----
+    The array's dtype is stored (int64 as NIfTI int64), except bool: uint8 0/1.
     """
     options = Options(affine=None if affine is None or reference_nifti is not None
                       else tuple(tuple(float(x) for x in row) for row in np.asarray(affine)))

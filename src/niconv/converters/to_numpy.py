@@ -8,6 +8,13 @@ The stored dtype is preserved (``int16`` stays ``int16``; never float64 from
 scl_inter with NumPy broadcasting): scalars for NIfTI/Analyze, arrays of the
 data's number of dimensions for AFNI (one slope per volume, ``(1, 1, 1, T)``)
 and PAR/REC (per slice, ``(1, 1, Z[, T])``). Scaled MINC files refuse ``raw``.
+
+``geometry: true`` also stores, beside ``data`` in the ``.npz``, ``affine``
+(float64 ``(4, 4)``, voxel index of ``data``'s first three axes -> RAS+ mm),
+``zooms`` (float64, one voxel size per axis of ``data`` from the header: mm,
+then seconds for time) and ``axcodes`` (a string such as ``'LAS'``), so an
+array (or a prediction on its voxel grid) can go back to world space without
+the original file: ``numpy_to_nifti(pred, out, affine=npz["affine"])``.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import os
 from typing import Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from .. import codec
 from ..log import fmt_dtype
@@ -33,12 +40,26 @@ class Options(BaseModel):
         "float32", description="scaled images: float32 scaled values, or raw stored values + scl_slope/scl_inter "
                                 "(NIfTI, Analyze, AFNI, PAR/REC; not MINC)")
     level: Optional[int] = Field(None, ge=0, le=9, description="deflate level; default: fast, within 5% of np.savez_compressed's size")
+    geometry: bool = Field(False, description="also store affine (4x4, voxel -> RAS+ mm), zooms and axcodes "
+                                              "in the .npz")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # geometry: false is left out, so the resolved options, and with them the task ids
+        # of configs written before the option existed, stay what they were (no redone work)
+        data = handler(self)
+        if not self.geometry:
+            data.pop("geometry", None)
+        return data
 
     @model_validator(mode="after")
-    def _raw_needs_npz(self):
-        if self.scaling == "raw" and not self.compressed:
-            raise ValueError("scaling: raw stores scl_slope/scl_inter beside the data, which needs "
-                             ".npz output (compressed: true); found compressed: false")
+    def _extras_need_npz(self):
+        if not self.compressed:
+            extra = [what for what, on in (("scaling: raw stores scl_slope/scl_inter", self.scaling == "raw"),
+                                           ("geometry: true stores affine, zooms and axcodes", self.geometry)) if on]
+            if extra:
+                raise ValueError(f"{' and '.join(extra)} beside the data, which needs .npz output "
+                                 f"(compressed: true; a .npy holds one array); found compressed: false")
         return self
 
 
@@ -46,8 +67,11 @@ def output_name(stem: str, options: Options) -> str:
     return stem + (".npz" if options.compressed else ".npy")
 
 
-def write_numpy(input_path: str, output_file: str, options: Options) -> Conversion:
+def write_numpy(input_path: str, output_file: str, options: Options, label_map: bool = False) -> Conversion:
     """Convert one image to ``output_file`` (``.npz`` or ``.npy``), atomically.
+
+    ``label_map`` (the input matches ``input.label_maps``) changes nothing but
+    the log's ``details``: the values are stored as they are either way.
 
     Raises
     ------
@@ -66,6 +90,10 @@ def write_numpy(input_path: str, output_file: str, options: Options) -> Conversi
             if vol.scaling is not None:
                 arrays["scl_slope"] = np.asarray(vol.scaling.slope, dtype=np.float64)
                 arrays["scl_inter"] = np.asarray(vol.scaling.inter, dtype=np.float64)
+            if options.geometry:
+                arrays["affine"] = vol.affine
+                arrays["zooms"] = np.asarray(vol.zooms, dtype=np.float64)
+                arrays["axcodes"] = np.asarray(vol.axcodes)
             codec.write_npz(tmp, arrays, compressed=True, level=options.level)
         else:
             codec.write_npy(tmp, data)
@@ -77,7 +105,7 @@ def write_numpy(input_path: str, output_file: str, options: Options) -> Conversi
         output_dtype=fmt_dtype(data.dtype),
         zooms=vol.zooms,
         axcodes=vol.axcodes,
-        details=_scale_details(vol.scaling) if vol.scaling else {},
+        details={**(_scale_details(vol.scaling) if vol.scaling else {}), **({"label_map": True} if label_map else {})},
     )
 
 
@@ -89,7 +117,7 @@ def _scale_details(scale) -> dict:
 
 
 def convert(task, options: Options) -> Conversion:
-    return write_numpy(task.input_path, task.output_path, options)
+    return write_numpy(task.input_path, task.output_path, options, task.label_map)
 
 
 def nifti_to_numpy(nii_path, output_path, compressed=True, debug=False) -> str:
