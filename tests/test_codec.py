@@ -343,10 +343,10 @@ def test_read_gz_bytes_multi_member_and_trailing_empty_member(tmp_path):
     assert codec.read_gz_bytes(tmp_path / "bgzf.gz") == payload
 
 
-def test_read_gz_bytes_min_size_takes_the_streaming_path(tmp_path):
+def test_read_gz_bytes_size_beyond_the_stream_takes_the_streaming_path(tmp_path):
     path = real("dipy_aniso_vox.nii.gz")
     payload = gzip.decompress(path.read_bytes())
-    assert codec.read_gz_bytes(path, min_size=len(payload) + 1000) == payload
+    assert codec.read_gz_bytes(path, size=len(payload) + 1000) == payload
 
 
 def test_read_gz_bytes_without_libdeflate(monkeypatch):

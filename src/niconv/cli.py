@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = add_command(sub, "run", "convert every input of a config that is not done yet", config=True)
-    r.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: config 'jobs', else all cores)")
+    r.add_argument("--jobs", type=int, metavar="N", help="worker processes (default: config 'jobs', else every CPU "
+                   "this process may use; never more than those)")
     r.add_argument("--force", action="store_true", help="redo every task, even those already done")
     r.add_argument("--retry-failed", action="store_true", help="redo tasks that failed in an earlier run")
     r.add_argument("--verify", action="store_true",

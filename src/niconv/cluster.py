@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ClusterError, ConfigError
+from .limits import usable_cpus
 from .manifest import Task, shard_owners
 from .paths import resolve_path
 
@@ -644,7 +645,8 @@ def dask_client(scheduler: str | None = None, *, jobqueue: JobqueueOptions | Non
         (``dask_jobqueue.SLURMCluster``) instead of a local cluster.
     workers : int, optional
         Without ``scheduler`` and ``jobqueue``: worker processes of the
-        ``distributed.LocalCluster`` (one thread each); default all cores.
+        ``distributed.LocalCluster`` (one thread each); default, and at most,
+        the CPUs this process may use.
     timeout : float
         Seconds to wait for the scheduler and a first worker.
 
@@ -686,9 +688,11 @@ def dask_client(scheduler: str | None = None, *, jobqueue: JobqueueOptions | Non
             client = stack.enter_context(Client(cluster))
             where, wanted, timeout = "dask_jobqueue.SLURMCluster", jobqueue.jobs * jobqueue.processes, jobqueue.timeout
         else:
-            # processes, one thread each: the converters hold the GIL in places, as under loky
+            # processes, one thread each: the converters hold the GIL in places, as under loky;
+            # no more than the CPUs this process may use
+            cpus = usable_cpus()
             cluster = stack.enter_context(LocalCluster(
-                n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                n_workers=min(workers or cpus, cpus), threads_per_worker=1, processes=True,
                 host="127.0.0.1", dashboard_address=None))
             client = stack.enter_context(Client(cluster))
             where, wanted = "distributed.LocalCluster", 0

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
+import stat
 import struct
 import warnings
 import zipfile
@@ -72,11 +74,19 @@ _CHUNK = 4 << 20  # bytes handed to the compressor per call: bounds the temporar
 # deflate cannot compress better than about 1032:1: a header claiming more is corrupt,
 # and must not make us allocate its claim
 _MAX_DEFLATE_RATIO = 1100
+#: Bytes a gzip stream may hold beyond the image its header describes (padding some
+#: writers add). A stream that goes on longer is refused after inflating this much more.
+TRAILING_SLACK = 1 << 20
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no flags, mtime 0, OS unknown
 
 # Set to False to force the public zipfile API (the fallback path) for .npz members.
 _FAST_ZIP = True
 _warned: set[str] = set()
+
+
+class OverlongStream(InputError):
+    """A gzip stream that goes on past the image its header describes (a decompression bomb,
+    or dimensions too small): refused without inflating the rest."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +416,7 @@ def write_nifti_gz(image, path, level: int | None = None) -> None:
 # .gz reading
 
 
-def read_gz_bytes(path, min_size: int | None = None) -> bytearray:
+def read_gz_bytes(path, size: int | None = None) -> bytearray:
     """Inflate a whole gzip file into one writable buffer.
 
     The usual path is one libdeflate call into a buffer of exactly the size
@@ -421,24 +431,32 @@ def read_gz_bytes(path, min_size: int | None = None) -> bytearray:
     ----------
     path : str or path-like
         A gzip file (``.nii.gz``, ``.mgz``, ...).
-    min_size : int, optional
-        The least number of bytes the caller expects (e.g. NIfTI ``vox_offset``
-        + voxel bytes). Lets a stream of 4 GiB or more be preallocated, and a
-        shorter one-shot result be checked against the full stream.
+    size : int, optional
+        The bytes the caller needs, as the file's own header describes them
+        (e.g. NIfTI ``vox_offset`` + voxel bytes). At most this many are
+        returned, and at most :data:`TRAILING_SLACK` more are inflated (and
+        dropped): a stream that goes on longer is refused, so a small file that
+        inflates to gigabytes (a decompression bomb) costs neither the memory
+        nor the time. Without it, the whole stream is returned.
 
     Returns
     -------
     bytearray
-        The uncompressed bytes (all members, concatenated).
+        The uncompressed bytes (all members, concatenated). With ``size``: the
+        first ``size`` of them (fewer if the stream is shorter), possibly
+        followed by the trailing bytes within the slack.
 
     Raises
     ------
     InputError
         If the file cannot be read, is not gzip, is truncated or corrupt.
+    OverlongStream
+        With ``size``, if the stream holds more than ``size`` +
+        :data:`TRAILING_SLACK` bytes.
     """
     where = os.fspath(path)
     comp = _read_file(where)
-    return _inflate(comp, where, min_size)
+    return _inflate(comp, where, size)
 
 
 def _read_file(where: str) -> bytes:
@@ -451,34 +469,44 @@ def _read_file(where: str) -> bytes:
         raise InputError(where, f"cannot read: {_first_line(exc)}") from exc
 
 
-def _inflate(comp: bytes, where: str, min_size: int | None = None) -> bytearray:
+def _check_gzip(comp: bytes, where: str) -> None:
     if len(comp) < 18 or comp[:3] != b"\x1f\x8b\x08":
         raise InputError(where, "not a gzip file (bad magic bytes or too short)")
+
+
+def _inflate(comp: bytes, where: str, size: int | None = None) -> bytearray:
+    _check_gzip(comp, where)
     crc, isize = struct.unpack("<II", comp[-8:])
     # a truncated or corrupt file has a garbage "trailer": never allocate more than
     # deflate can possibly expand to
     cap = len(comp) * _MAX_DEFLATE_RATIO
-    want = min(max(isize, min_size or 0), cap)
+    if size is None:
+        want, limit = min(isize, cap), None
+    else:
+        # one call only for a trailer within the bound: libdeflate would inflate (and
+        # allocate) whatever a forged trailer announces
+        want, limit = min(size, cap), size + TRAILING_SLACK
     # ISIZE is the size modulo 4 GiB; 0 is also what a trailing empty member (bgzip) ends with
-    if _libdeflate is not None and 0 < isize <= cap and want < 1 << 32:
+    if _libdeflate is not None and 0 < isize <= cap and (limit is None or size <= isize <= limit):
         try:
             out = _libdeflate.gzip_decompress(comp, isize)
         except _libdeflate.DeflateError:
             out = None  # corrupt, larger than ISIZE, or multi-member: the stream path decides
         # libdeflate inflates the first member only and checks it against its own
         # trailer: it is the whole file if it also matches the file's last trailer
-        if out is not None and len(out) == isize and _crc32(out) == crc and len(out) >= (min_size or 0):
+        if out is not None and len(out) == isize and _crc32(out) == crc:
             return out
     elif _libdeflate is None:
         _warn_once("deflate", "niconv: the 'deflate' package is missing; inflating with a streaming "
                               "decoder (slower)")
-    # preallocate what the caller expects, or a trailer size that is plausible (a truncated
-    # file's last bytes are arbitrary); the buffer grows if the stream holds more
-    hint = want if min_size else min(isize, 32 * len(comp))
-    return _inflate_stream(comp, where, hint)
+    # preallocate what the caller needs, or a trailer size that is plausible (a truncated
+    # file's last bytes are arbitrary); without a size the buffer grows if the stream holds more
+    return _inflate_stream(comp, where, want if limit is not None else min(isize, 32 * len(comp)), limit)
 
 
-def _inflate_stream(comp: bytes, where: str, size_hint: int) -> bytearray:
+def _inflate_stream(comp: bytes, where: str, size_hint: int, limit: int | None = None) -> bytearray:
+    """Inflate into a buffer of ``size_hint`` bytes; with ``limit``, fill it and refuse a stream
+    longer than ``limit`` (the bytes between are inflated and dropped), else grow it to the end."""
     opener = _igzip.IGzipFile if _igzip is not None else gzip.GzipFile
     out = bytearray(size_hint)
     n = 0
@@ -493,12 +521,23 @@ def _inflate_stream(comp: bytes, where: str, size_hint: int) -> bytearray:
                     n += got
             if n < len(out):
                 del out[n:]
+            elif limit is not None:
+                # the image is complete: a few trailing bytes are padding, more is not an image
+                while n <= limit:
+                    more = g.read(min(_CHUNK, limit - n + 1))
+                    if not more:
+                        break
+                    n += len(more)
+                if n > limit:
+                    raise OverlongStream(where, _overlong(limit - TRAILING_SLACK, limit))
             else:
                 while True:
                     more = g.read(_CHUNK)
                     if not more:
                         break
                     out += more
+    except NiconvError:
+        raise
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(where, f"file is truncated or not valid gzip ({_first_line(exc)})") from exc
     except Exception as exc:  # isal raises its own error type for corrupt streams
@@ -508,13 +547,62 @@ def _inflate_stream(comp: bytes, where: str, size_hint: int) -> bytearray:
     return out
 
 
-def _gz_prefix(comp: bytes, n: int) -> bytes:
-    """The first ``n`` uncompressed bytes of a gzip stream (fewer if it is shorter)."""
-    d = zlib.decompressobj(31)
-    try:
-        return d.decompress(comp[: 1 << 16], n)
-    except zlib.error:
-        return b""
+def _overlong(size: int, limit: int) -> str:
+    times = limit / max(size, 1)
+    longer = f"more than {times:.0f} times longer" if times >= 2 else f"more than {limit - size} bytes longer"
+    return (f"the gzip stream is {longer} than the image its header describes ({size} bytes); niconv stops "
+            "inflating it there (a decompression bomb, or a header whose dimensions are wrong)")
+
+
+def _gz_prefix(comp, n: int, where: str = "") -> bytes:
+    """The first ``n`` uncompressed bytes of gzip data (fewer if it is shorter), from its first 64 KiB.
+
+    Raises
+    ------
+    InputError
+        If the data is not gzip, or corrupt within those bytes.
+    """
+    _check_gzip(comp, where)
+    out = b""
+    data = comp[: 1 << 16]
+    while len(out) < n and data:
+        d = zlib.decompressobj(31)
+        try:
+            out += d.decompress(data, n - len(out))
+        except zlib.error as exc:
+            raise InputError(where, f"file is truncated or not valid gzip ({_first_line(exc)})") from exc
+        if not d.eof:
+            break
+        data = d.unused_data  # the next gzip member
+    return out
+
+
+def file_prefix(path, n: int) -> bytes:
+    """The first ``n`` bytes of a file, inflated if it is gzip-compressed (fewer if it is shorter).
+
+    Reads the file's first 4 KiB (64 KiB when a long gzip file name or comment
+    comes first): cheap enough to run on every file of a cohort.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    InputError
+        If it is not a regular file (a named pipe would block), or gzip data is
+        corrupt within those bytes.
+    """
+    where = os.fspath(path)
+    fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)  # opening a named pipe must not wait for a writer
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(where, "not a regular file")
+        head = f.read(4096)  # a NIfTI header deflates to well under 1 kB
+        if head[:2] != b"\x1f\x8b":
+            return head[:n]
+        out = _gz_prefix(head, n, where)
+        if len(out) < n and len(head) == 4096:  # a long gzip file name or comment comes first
+            out = _gz_prefix(head + f.read((1 << 16) - 4096), n, where)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +620,50 @@ def _nifti_class(prefix, where: str):
     if 540 in sizes:
         return nib.Nifti2Image
     raise InputError(where, "not a NIfTI-1 or NIfTI-2 file (sizeof_hdr is neither 348 nor 540)")
+
+
+def nifti_extent(prefix, where: str = "") -> tuple[int, tuple[int, ...], np.dtype]:
+    """Where a NIfTI file's voxels start, their shape and dtype, from the file's first bytes.
+
+    Parameters
+    ----------
+    prefix : bytes-like
+        The first uncompressed bytes of the file: at least the fixed header
+        (348 bytes for NIfTI-1, 540 for NIfTI-2).
+    where : str
+        The file name, for error messages.
+
+    Returns
+    -------
+    offset : int
+        Byte offset of the voxel data (``vox_offset``, at least the header's end).
+    shape : tuple of int
+        The dimensions the header gives, as Python integers (their product
+        cannot wrap around, whatever a corrupt header says).
+    dtype : numpy.dtype
+        The stored dtype, in the file's byte order.
+
+    Raises
+    ------
+    InputError
+        If the bytes are not a NIfTI-1/2 header, are too short, or give a
+        negative dimension or an unknown data type.
+    """
+    klass = _nifti_class(prefix, where)
+    hdr_class = klass.header_class
+    fixed = hdr_class.template_dtype.itemsize
+    if len(prefix) < fixed:
+        raise InputError(where, f"file is truncated: {len(prefix)} bytes, less than the {fixed}-byte header")
+    try:
+        header = hdr_class(bytes(prefix[:fixed]), check=False)
+        shape = tuple(int(n) for n in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        offset = max(int(header["vox_offset"]), fixed + 4)
+    except Exception as exc:  # nibabel raises several types for a damaged header
+        raise InputError(where, f"invalid header: {_first_line(exc)}") from exc
+    if any(n < 0 for n in shape):
+        raise InputError(where, f"invalid header: negative dimension in {shape}")
+    return offset, shape, dtype
 
 
 def nifti_from_bytes(raw: bytearray, where: str = ""):
@@ -580,7 +712,7 @@ def nifti_from_bytes(raw: bytearray, where: str = ""):
     dtype = header.get_data_dtype()
     shape = header.get_data_shape()
     offset = header.get_data_offset()
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(int(n) for n in shape)  # Python ints: huge dimensions must not wrap around
     if offset + count * dtype.itemsize > len(raw):
         raise InputError(where, f"file is truncated: header says {'x'.join(map(str, shape))} voxels of {dtype} "
                                 f"({count * dtype.itemsize} bytes from offset {offset}), the file has "
@@ -659,26 +791,20 @@ def open_nifti(path):
     InputError
         If the file is missing, not gzip, not NIfTI, truncated, corrupt, or has
         non-finite scale factors.
+    OverlongStream
+        If a ``.nii.gz`` stream goes on more than :data:`TRAILING_SLACK` bytes
+        past the image its header describes (nothing more is inflated).
     """
     where = os.fspath(path)
     if not str(where).lower().endswith(".gz"):
         raise InputError(where, "not a gzip-compressed NIfTI (.nii.gz)")
     comp = _read_file(where)
-    hint = None
-    prefix = _gz_prefix(comp, 540)
-    if len(prefix) >= 348:
-        try:
-            klass = _nifti_class(prefix, where)
-            hdr_class = klass.header_class
-            first = hdr_class(prefix[: hdr_class.template_dtype.itemsize], check=False)
-            hint = int(first["vox_offset"]) + int(np.prod(first.get_data_shape(), dtype=np.int64)) \
-                * first.get_data_dtype().itemsize
-        except Exception:  # a bad header is reported by nifti_from_bytes below, in words
-            hint = None
-    if hint is not None and hint > len(comp) * _MAX_DEFLATE_RATIO:
-        raise InputError(where, f"header claims {hint} bytes of image data but the compressed file has "
+    offset, shape, dtype = nifti_extent(_gz_prefix(comp, 540, where), where)
+    size = offset + math.prod(shape) * dtype.itemsize
+    if size > len(comp) * _MAX_DEFLATE_RATIO:
+        raise InputError(where, f"header claims {size} bytes of image data but the compressed file has "
                                 f"only {len(comp)} bytes")
-    raw = _inflate(comp, where, hint)
+    raw = _inflate(comp, where, size)
     del comp
     header, stored = nifti_from_bytes(raw, where)
     klass = _nifti_class(raw, where)

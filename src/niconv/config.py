@@ -9,7 +9,9 @@ config file's folder.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -19,11 +21,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from . import converters
 from .cluster import ClusterOptions
 from .errors import ConfigError
+from .limits import usable_cpus
 from .paths import resolve_path
+
+
+#: A config is a few kB; a larger file is not one (and parsing megabytes of YAML takes minutes).
+MAX_CONFIG_BYTES = 1 << 20
+#: Values a config may hold once its YAML aliases are expanded. A config has a few dozen; an
+#: alias of a list of aliases of ... (a "billion laughs" document) stands for billions.
+MAX_CONFIG_VALUES = 100_000
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _required_path(value: Any, info: ValidationInfo) -> Any:
+    if value is None:
+        raise ValueError("expected a folder path, found nothing (null)")
+    return resolve_path(value, info)
 
 
 class InputSpec(_Model):
@@ -43,7 +59,7 @@ class InputSpec(_Model):
         items = v if isinstance(v, list) else [v]
         if not items:
             raise ValueError("expected a folder or a list of folders, found an empty list")
-        return [resolve_path(x, info) for x in items]
+        return [_required_path(x, info) for x in items]
 
     @field_validator("include", "exclude", "label_maps", mode="before")
     @classmethod
@@ -57,19 +73,30 @@ class OutputSpec(_Model):
     root: Path
     layout: Literal["mirror", "flat"] = "mirror"
 
-    _root = field_validator("root", mode="before")(resolve_path)
+    _root = field_validator("root", mode="before")(_required_path)
 
 
 def _size(v: Any) -> Any:
-    """Parse ``"8GiB"``, ``"500MB"``, a number of bytes, or a fraction of RAM like ``0.5``."""
-    if v is None or isinstance(v, (int, float)):
+    """Parse ``"8GiB"``, ``"500MB"``, a number of bytes, or a fraction of RAM like ``0.5``: finite, above 0."""
+    if v is None:
         return v
-    text = str(v).strip().replace(" ", "")
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    low = text.lower().rstrip("b").rstrip("i")
-    if low and low[-1] in units:
-        return float(low[:-1]) * units[low[-1]]
-    raise ValueError(f"expected a size like '8GiB' or '500MB', or a fraction of RAM like 0.5; found {v!r}")
+    expected = "expected a size like '8GiB' or '500MB', or a fraction of the available memory like 0.5"
+    number = None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        number = v
+    elif isinstance(v, str):
+        low = v.strip().replace(" ", "").lower().rstrip("b").rstrip("i")
+        units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+        if low and low[-1] in units:
+            try:
+                number = float(low[:-1]) * units[low[-1]]
+            except ValueError:
+                pass
+    if number is None:
+        raise ValueError(f"{expected}; found {_show(v)}")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{expected}, above 0; found {_show(v)}")
+    return number
 
 
 def _convert_union():
@@ -92,9 +119,11 @@ class Config(_Model):
     output: OutputSpec
     convert: _convert_union()  # type: ignore[valid-type]
     log: Optional[Path] = Field(None, description="CSV log; default <output.root>/niconv_log.csv")
-    jobs: Optional[int] = Field(None, ge=1, description="worker processes; default all cores; 1 = in-process")
+    jobs: Optional[int] = Field(None, ge=1, description="worker processes; default, and at most on this machine, "
+                                                       "the CPUs this process may use; 1 = in-process")
     memory_budget: Optional[float] = Field(
-        None, description="bytes (or '8GiB'), or a fraction of available RAM (0.5); default 0.7 of available RAM")
+        None, description="bytes (or '8GiB'), or a fraction of the available memory (0.5); default 0.7 of the "
+                          "available memory (RAM, or less under a cgroup memory limit or ulimit -v)")
     backend: Literal["loky", "dask"] = "loky"
     scheduler: Optional[str] = Field(None, description="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
     cluster: ClusterOptions = Field(default_factory=ClusterOptions,
@@ -111,8 +140,8 @@ class Config(_Model):
 
     @property
     def n_jobs(self) -> int:
-        """Worker count: ``jobs`` or all cores."""
-        return self.jobs or os.cpu_count() or 1
+        """Worker count: ``jobs``, or every CPU this process may use (:func:`niconv.limits.usable_cpus`)."""
+        return self.jobs or usable_cpus()
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
@@ -136,16 +165,17 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
         lists every problem as ``(key path, message)``.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(p), f"cannot read config: {exc.strerror or exc}") from exc
+    text = _read_text(p)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
         raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(str(p), "not a config: lists or mappings nested too deeply to read") from exc
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(str(p), f"not valid YAML: {str(exc).splitlines()[0][:200]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(str(p), f"expected a mapping of keys (input, output, convert, ...), found {type(data).__name__}")
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
@@ -153,8 +183,68 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
     return validate(data, base=p.resolve().parent, where=str(p))
 
 
+def _read_text(p: Path) -> str:
+    """The config file's text: at most :data:`MAX_CONFIG_BYTES`, UTF-8."""
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(str(p), f"cannot read config: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(p), f"the file is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few kB "
+                                  "(is this the right file?)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{p}:{line}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                                         "save the config as UTF-8") from exc
+
+
+def _check_expansion(data: Any, where: str) -> None:
+    """Refuse a document that stands for more than :data:`MAX_CONFIG_VALUES` values once its
+    aliases are expanded, or that contains itself, before anything walks through it."""
+    sizes: dict[int, int] = {}  # by id: each shared list or mapping is counted once, then reused
+    inside: set[int] = set()
+
+    def count(node: Any) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in inside:
+            raise ConfigError(where, "a YAML alias (*name) refers to a list or mapping that contains it, "
+                                     "so the config never ends")
+        inside.add(key)
+        total = 1
+        for child in (node.values() if isinstance(node, dict) else node):
+            total += count(child)
+            if total > MAX_CONFIG_VALUES:
+                break
+        inside.discard(key)
+        sizes[key] = min(total, MAX_CONFIG_VALUES + 1)
+        return sizes[key]
+
+    try:
+        total = count(data)
+    except RecursionError as exc:
+        raise ConfigError(where, "not a config: lists or mappings nested too deeply to read") from exc
+    if total > MAX_CONFIG_VALUES:
+        raise ConfigError(where, f"the config stands for more than {MAX_CONFIG_VALUES} values once its YAML "
+                                 "aliases (*name) are expanded; a config has a few dozen")
+
+
 def validate(data: dict, base: str | os.PathLike = ".", where: str = "<config>") -> Config:
-    """Validate an already-parsed config mapping (see :func:`load_config`)."""
+    """Validate an already-parsed config mapping (see :func:`load_config`).
+
+    Raises
+    ------
+    ConfigError
+        If the mapping holds more than :data:`MAX_CONFIG_VALUES` values (aliases
+        expanded) or contains itself, or any key is invalid.
+    """
+    _check_expansion(data, where)
     try:
         return Config.model_validate(data, context={"base": str(base)})
     except ValidationError as exc:
@@ -192,7 +282,7 @@ def _describe(err: dict, data: dict) -> tuple[str, str]:
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         names = converters.names()
         tag = found.get("to") if isinstance(found, dict) else found
-        hint = difflib.get_close_matches(str(tag), names, n=1) if tag is not None else []
+        hint = difflib.get_close_matches(tag, names, n=1) if isinstance(tag, str) else []
         tip = f"; did you mean '{hint[0]}'?" if hint else ""
         return "convert.to", f"expected a converter name ({', '.join(names)}), found {_show(tag)}{tip}"
     msg = err["msg"]
@@ -216,6 +306,12 @@ def _known_keys(loc: tuple, data: dict) -> list[str]:
     return []
 
 
+# a value's repr for messages, with bounded work: a few items of each list, a few levels deep
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 5, 5, 5, 5
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -23,9 +23,11 @@ import numpy as np
 
 from . import __version__, converters, dispatch
 from .config import Config
+from .limits import available_memory, cap_jobs
 from .lock import LOCK_FILE, run_lock
 from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
+from .volume import image_bytes
 from .writers import WriteScope, remove_stale_temps
 
 
@@ -177,26 +179,26 @@ def _size(path: Path) -> int:
 
 
 def memory_budget(config: Config) -> int:
-    """Bytes the run may use for concurrent tasks: ``memory_budget``, or 70% of available RAM."""
-    import psutil
-
-    avail = psutil.virtual_memory().available
+    """Bytes the run may use for concurrent tasks: ``memory_budget`` in bytes, else that fraction
+    (default 0.7) of the memory available to this process: the available RAM, or less under a
+    cgroup memory limit or an address-space rlimit (:func:`niconv.limits.available_memory`)."""
     budget = config.memory_budget
-    if budget is None:
-        return int(avail * 0.7)
-    return int(avail * budget) if budget <= 1 else int(budget)
+    if budget is not None and budget > 1:
+        return int(budget)
+    return int(available_memory() * (0.7 if budget is None else budget))
 
 
 def estimate_memory(task: Task) -> int:
     """Peak bytes of one task: the input's uncompressed size x the converter's factor,
     plus what the converter's arrays outgrow the input by (``memory_extra``).
 
-    The size is read without parsing the image, so a cohort of thousands of files
-    is planned in milliseconds: a gzip file's size trailer (ISIZE), else the
-    file's size (plus a companion data file, in ``bytes_in``). A header-only
-    NIfTI's data offset is a few hundred bytes, which the factor covers. Only a
-    converter that can grow its arrays (``preprocess`` upsampling or padding)
-    reads the header.
+    The size is what the header says, read from the first bytes of each file
+    (NIfTI and MGH: :func:`niconv.volume.image_bytes`), so a cohort of thousands
+    of files is planned in milliseconds, and a small ``.gz`` that inflates to
+    gigabytes is sized by its header: the reader refuses the rest. Other formats:
+    a gzip file's size trailer (ISIZE), else the file's size (plus a companion
+    data file, in ``bytes_in``). Only a converter that can grow its arrays
+    (``preprocess`` upsampling or padding) reads more of the header.
     """
     conv = converters.get(task.converter)
     return int(_uncompressed_bytes(task) * conv.memory_factor) + int(conv.memory_extra(task.input_path, task.options))
@@ -204,7 +206,10 @@ def estimate_memory(task: Task) -> int:
 
 def _uncompressed_bytes(task: Task) -> int:
     path = task.input_path
-    if path.lower().endswith((".gz", ".mgz")):
+    described = image_bytes(path)
+    if described is not None:
+        return described
+    if path.lower().endswith(".gz"):
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
@@ -316,6 +321,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     jobs = jobs or config.n_jobs
     backend = backend or config.backend
     scheduler = scheduler or config.scheduler
+    if backend == "loky" or not (scheduler or config.cluster.jobqueue):
+        jobs = cap_jobs(jobs)  # workers on this machine: no more than the CPUs it lets us use
     log_path = shard_log_path(config.log_path, shard)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     state = _RunState()

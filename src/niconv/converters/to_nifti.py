@@ -100,12 +100,15 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
     Raises
     ------
     InputError
-        If ``data`` has fewer than 3 dimensions or a dtype NIfTI cannot store
-        (float16, object, strings), or its spatial shape ``(X, Y, Z)`` differs
-        from the reference's.
+        If ``data`` has fewer than 3 dimensions, no values (a zero in its shape)
+        or a dtype NIfTI cannot store (float16, object, strings), or its spatial
+        shape ``(X, Y, Z)`` differs from the reference's.
     """
     if data.ndim < 3:
         raise InputError(where, f"expected a volume of shape (X, Y, Z[, T]), found shape {data.shape}")
+    if data.size == 0:
+        shape = "x".join(map(str, data.shape))
+        raise InputError(where, f"the array holds no values (shape {shape}); a NIfTI image needs at least one voxel")
     data = nifti_array(data, where)
     if reference is not None:
         ref = load_image(reference)
