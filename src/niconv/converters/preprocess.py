@@ -1,17 +1,19 @@
 """The ``preprocess`` converter: a volume (and its label map) -> an ML-ready array.
 
 An ordered, explicit list of steps (reorient, resample, normalize, clip,
-crop_pad, cast) runs on the image; the *spatial* steps (reorient, resample,
-crop_pad) run identically on a paired label map, with nearest-neighbour
-interpolation and no intensity step, so image and label stay voxel-aligned and
-the label map keeps only its original label values.
+crop_pad, cast: the table of :mod:`niconv.preprocess_steps`) runs on the image;
+the *spatial* steps (reorient, resample, crop_pad) run identically on a paired
+label map, with nearest-neighbour interpolation and no intensity step, so image
+and label stay voxel-aligned and the label map keeps only its original label
+values.
 
 An input that matches ``input.label_maps`` (an atlas, a segmentation) is itself
 treated as a label map: only the spatial steps run on it, with nearest
-neighbour (``resample`` at order 0, ``crop_pad`` padding with 0), ``normalize``,
-``clip`` and ``cast`` are skipped (recorded in ``details``), and ``data`` keeps
-its integer dtype. An image treated as intensities that looks like a label map
-(:func:`niconv.ops.labels.looks_like_label_map`) gets a warning in ``details``.
+neighbour (``resample`` at order 0, ``crop_pad`` padding with 0), the intensity
+steps (``normalize``, ``clip``, ``cast``) are skipped (recorded in ``details``),
+and ``data`` keeps its integer dtype. An image treated as intensities that looks
+like a label map (:func:`niconv.ops.labels.looks_like_label_map`) gets a warning
+in ``details``.
 
 Output
 ------
@@ -43,214 +45,32 @@ before any step (they would spread through interpolation); ``keep`` leaves them
 """
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import nibabel as nib
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..codec import write_nifti_gz, write_npy, write_npz
 from ..log import fmt_shape
 from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedInput
-from ..ops import crop as crop_ops
 from ..ops import intensity as iops
 from ..ops import resample as rs
 from ..ops.labels import label_map_warnings
-from ..ops.orientation import axcodes, reorient
+from ..ops.orientation import axcodes
 from ..paths import resolve_path
+from ..preprocess_steps import STEPS, Arrays, Grid, StepEntry, check_order
 from ..volume import read_volume
 from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, show_patterns
 
-STEP_NAMES = ("reorient", "resample", "normalize", "clip", "crop_pad", "cast")
-# steps that change values, not the grid: a label map (input.label_maps) skips them
-INTENSITY_STEPS = ("normalize", "clip", "cast")
-CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
 _SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
-_AXIS_PAIRS = ("LR", "AP", "SI")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Pair = tuple[float, float]
-Three = tuple[float, float, float]
-Shape3 = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
-
-
-def _three_floats(value):
-    # `spacing: 1.0` means isotropic
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (value, value, value)
-    if isinstance(value, (list, tuple)) and len(value) != 3:
-        raise ValueError(f"expected one or three voxel sizes in mm, found {list(value)}")
-    return value
-
-
-class ResampleParams(_Model):
-    """``resample``: to a voxel ``spacing`` (mm, one or three numbers) or a ``shape``; spline ``order`` 0-5."""
-
-    spacing: Optional[Three] = None
-    shape: Optional[Shape3] = None
-    order: int = Field(3, ge=0, le=5)
-    antialias: bool = True
-
-    @field_validator("spacing", mode="before")
-    @classmethod
-    def _iso(cls, v):
-        return _three_floats(v)
-
-    @field_validator("spacing")
-    @classmethod
-    def _positive(cls, v):
-        if v is not None and not all(math.isfinite(s) and s > 0 for s in v):
-            raise ValueError(f"expected positive voxel sizes in mm, found {list(v)}")
-        return v
-
-    @model_validator(mode="after")
-    def _one_target(self):
-        if (self.spacing is None) == (self.shape is None):
-            raise ValueError("give exactly one of spacing (mm) or shape (voxels)")
-        return self
-
-
-class NormalizeParams(_Model):
-    """``normalize``: ``method`` zscore | minmax | percentile | window, per channel."""
-
-    method: Literal["zscore", "minmax", "percentile", "window"]
-    mask: Literal["none", "nonzero"] = "none"
-    range: Optional[Pair] = None
-    percentiles: Optional[Pair] = None
-    level: Optional[float] = None
-    width: Optional[float] = None
-    preset: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _method_keys(self):
-        allowed = {
-            "zscore": {"mask"},
-            "minmax": {"mask", "range"},
-            "percentile": {"mask", "range", "percentiles"},
-            "window": {"range", "level", "width", "preset"},
-        }[self.method]
-        # None counts as absent, so a dump of resolved options validates again
-        extra = [k for k in ("mask", "range", "percentiles", "level", "width", "preset")
-                 if k not in allowed and k in self.model_fields_set and getattr(self, k) is not None]
-        if extra:
-            raise ValueError(f"{', '.join(extra)} does not apply to method {self.method} "
-                             f"(it takes: {', '.join(sorted(allowed))})")
-        if self.range is not None and self.range[0] == self.range[1]:
-            raise ValueError(f"range: expected two different numbers, found {list(self.range)}")
-        if self.percentiles is not None:
-            _check_percentiles(self.percentiles)
-        if self.method == "window":
-            if self.preset is not None:
-                if self.level is not None or self.width is not None:
-                    raise ValueError("window: give a preset or level and width, not both")
-                if self.preset not in iops.CT_WINDOWS:
-                    raise ValueError(f"preset: unknown CT window {self.preset!r}{_hint(self.preset, iops.CT_WINDOWS)}; "
-                                     f"expected one of {', '.join(iops.CT_WINDOWS)}")
-            elif self.level is None or self.width is None:
-                raise ValueError("window: give a preset name or both level and width (HU)")
-            elif not self.width > 0:
-                raise ValueError(f"width: expected a positive window width (HU), found {self.width}")
-        return self
-
-
-class ClipParams(_Model):
-    """``clip``: to ``percentiles`` of the (masked) voxels, or to an absolute ``range``."""
-
-    percentiles: Optional[Pair] = None
-    range: Optional[Pair] = None
-    mask: Literal["none", "nonzero"] = "none"
-
-    @model_validator(mode="after")
-    def _one(self):
-        if (self.percentiles is None) == (self.range is None):
-            raise ValueError("give exactly one of percentiles or range")
-        if self.percentiles is not None:
-            _check_percentiles(self.percentiles)
-        if self.range is not None and not self.range[0] < self.range[1]:
-            raise ValueError(f"range: expected [low, high] with low < high, found {list(self.range)}")
-        return self
-
-
-class CropPadParams(_Model):
-    """``crop_pad``: to a fixed spatial ``shape``, window at the ``center`` or on the ``foreground``."""
-
-    shape: Shape3
-    mode: Literal["center", "foreground"] = "center"
-    pad_value: float = 0.0
-    threshold: Optional[float] = None
-
-
-def _check_percentiles(p) -> None:
-    if not 0.0 <= p[0] < p[1] <= 100.0:
-        raise ValueError(f"percentiles: expected [low, high] with 0 <= low < high <= 100, found {list(p)}")
-
-
-class ReorientStep(_Model):
-    reorient: str = "RAS"
-
-    @field_validator("reorient", mode="before")
-    @classmethod
-    def _codes(cls, v):
-        if v is None:
-            return "RAS"
-        if not isinstance(v, str):
-            raise ValueError(f"expected three axis codes such as RAS or LPS, found {v!r}")
-        codes = v.strip().upper()
-        ok = len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in _AXIS_PAIRS)
-        if not ok:
-            raise ValueError(f"expected three axis codes, one of L/R, A/P, S/I each (e.g. RAS, LPS), found {v!r}")
-        return codes
-
-
-class ResampleStep(_Model):
-    resample: ResampleParams
-
-
-class NormalizeStep(_Model):
-    normalize: NormalizeParams
-
-
-class ClipStep(_Model):
-    clip: ClipParams
-
-
-class CropPadStep(_Model):
-    crop_pad: CropPadParams
-
-
-class CastStep(_Model):
-    cast: Literal[CAST_DTYPES] = "float32"  # type: ignore[valid-type]
-
-
-def _step_key(v: Any) -> str | None:
-    if isinstance(v, dict):
-        return next(iter(v)) if len(v) == 1 else None
-    for name in STEP_NAMES:
-        if isinstance(v, BaseModel) and name in type(v).model_fields:
-            return name
-    return None
-
-
-Step = Annotated[
-    Union[
-        Annotated[ReorientStep, Tag("reorient")],
-        Annotated[ResampleStep, Tag("resample")],
-        Annotated[NormalizeStep, Tag("normalize")],
-        Annotated[ClipStep, Tag("clip")],
-        Annotated[CropPadStep, Tag("crop_pad")],
-        Annotated[CastStep, Tag("cast")],
-    ],
-    Discriminator(_step_key),
-]
 
 
 class Options(_Model):
@@ -258,9 +78,11 @@ class Options(_Model):
 
     Attributes
     ----------
-    steps : tuple of steps
-        Ordered; each a one-key mapping (``{"resample": {"spacing": [1, 1, 1]}}``).
-        ``cast``, if present, comes last.
+    steps : tuple of niconv.preprocess_steps.StepConfig
+        Ordered; each given as a one-key mapping (``{"resample": {"spacing": [1, 1, 1]}}``)
+        naming a step of :data:`niconv.preprocess_steps.STEPS`; ``entry.step``
+        is the step class, ``entry.options`` its options. ``cast``, if present,
+        comes last.
     labels : str, tuple of str, or None
         Pairing pattern of the label map, formatted with ``{stem}``, ``{name}``,
         ``{parent}`` of the image, e.g. ``"{stem}_seg.nii.gz"``; a glob
@@ -284,8 +106,8 @@ class Options(_Model):
     """
 
     to: Literal["preprocess"] = "preprocess"
-    steps: tuple[Step, ...] = Field(
-        (), description="ordered steps, each a one-key mapping: reorient, resample, normalize, clip, crop_pad, cast")
+    steps: tuple[StepEntry, ...] = Field(
+        (), description=f"ordered steps, each a one-key mapping: {', '.join(STEPS)}")
     labels: Optional[Union[str, tuple[str, ...]]] = Field(
         None, description="pattern of each image's label map, e.g. '{stem}_seg.nii.gz' ({stem}, {name}, {parent}; "
                           "a glob such as '{stem}_seg.*', or a list tried in order)")
@@ -302,34 +124,15 @@ class Options(_Model):
 
     @field_validator("steps", mode="before")
     @classmethod
-    def _step_shapes(cls, v):
+    def _step_list(cls, v):
         if v is None:
             return ()
         if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
             raise ValueError(f"expected a list of steps, each a one-key mapping such as "
                              f"{{resample: {{spacing: [1, 1, 1]}}}}, found {type(v).__name__}")
-        items = list(v)
-        names = []
-        for i, item in enumerate(items):
-            if isinstance(item, BaseModel):
-                names.append(_step_key(item))
-                continue
-            if isinstance(item, str) and item in ("reorient", "cast"):
-                # `- reorient` alone means its default
-                items[i] = item = {item: None if item == "reorient" else "float32"}
-            if not isinstance(item, dict) or len(item) != 1:
-                found = list(item) if isinstance(item, dict) else repr(item)
-                raise ValueError(f"steps[{i}]: expected a one-key mapping (one of {', '.join(STEP_NAMES)}), "
-                                 f"found {found}")
-            key = next(iter(item))
-            if key not in STEP_NAMES:
-                raise ValueError(f"steps[{i}]: unknown step {key!r}{_hint(key, STEP_NAMES)}; "
-                                 f"expected one of {', '.join(STEP_NAMES)}")
-            names.append(key)
-        if "cast" in names and names.index("cast") != len(names) - 1:
-            raise ValueError(f"steps[{names.index('cast')}]: cast must be the last step "
-                             f"(steps after it would work on the cast dtype)")
-        return tuple(items)
+        items = tuple(v)
+        check_order(items)
+        return items  # each entry is validated by its step (StepEntry)
 
     _labels = field_validator("labels")(lambda v: check_pair_patterns(v))
 
@@ -338,11 +141,6 @@ class Options(_Model):
         if self.labels_root is not None and self.labels is None:
             raise ValueError("labels_root is set but labels (the pairing pattern) is not")
         return self
-
-
-def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def steps_as_dicts(options: Options) -> list[dict]:
@@ -512,24 +310,26 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
                 iops.replace_nonfinite(arr[c], 0.0)
         details["nan"]["voxels"] = bad
 
-    for i, step in enumerate(options.steps):
-        name = _step_key(step)
-        where = f"steps[{i}].{name}"
-        params = getattr(step, name)
+    arrays = Arrays(arr, affine, label)
+    del arr, label  # the record alone holds them: an input is freed once a step has replaced it
+    for i, entry in enumerate(options.steps):
+        step, p = entry.step, entry.options
         if label_map:
-            if name in INTENSITY_STEPS:
-                details["applied"].append({"step": i, "name": name, "skipped": "label map: no intensity step"})
+            if not step.spatial:
+                details["applied"].append({"step": i, "name": step.name, "skipped": "label map: no intensity step"})
                 continue
-            params = _as_label_step(name, params)
+            p = step.for_label_map(p)
         try:
-            arr, affine, label, info = _apply(name, params, arr, affine, label)
+            arrays, info = step.apply(p, arrays)
         except NiconvError as exc:
             if exc.where:
                 raise
-            raise type(exc)(image_path, f"{where}: {exc.message}") from None
+            raise type(exc)(image_path, f"steps[{i}].{step.name}: {exc.message}") from None
         except ValueError as exc:
-            raise InputError(image_path, f"{where}: {exc}") from None
-        details["applied"].append({"step": i, "name": name, **info})
+            raise InputError(image_path, f"steps[{i}].{step.name}: {exc}") from None
+        details["applied"].append({"step": i, "name": step.name, **info})
+    arr, affine, label = arrays.data, arrays.affine, arrays.label
+    del arrays
 
     after = _geometry(arr, affine)
     if options.layout == "channels_last":
@@ -554,86 +354,6 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
         axcodes=in_axcodes,
         details=details,
     )
-
-
-def _apply(name, p, arr, affine, label):
-    """Run one step on ``arr`` (C, X, Y, Z) float32 and the label map (1, X, Y, Z) or None."""
-    if name == "reorient":
-        arr, new_affine = _reorient4(arr, affine, p)
-        if label is not None:
-            label, _ = _reorient4(label, affine, p)
-        return arr, new_affine, label, {"axcodes": axcodes(new_affine)}
-
-    if name == "resample":
-        kwargs = {"spacing": p.spacing} if p.spacing is not None else {"shape": p.shape}
-        grid = rs.grid_for_spacing if p.spacing is not None else rs.grid_for_shape
-        new_shape, new_affine, factors = grid(arr.shape[1:], affine,
-                                              p.spacing if p.spacing is not None else p.shape)
-        info = {"shape": list(new_shape), "spacing": list(rs.spacing_of(new_affine))}
-        if tuple(new_shape) == arr.shape[1:] and np.all(factors == 1.0):
-            return arr, new_affine, label, {**info, "unchanged": True}  # already on the grid: no copy
-        out = np.empty((arr.shape[0],) + tuple(new_shape), dtype=arr.dtype if p.order == 0 else np.float32)
-        for c in range(arr.shape[0]):
-            rs.resample(arr[c], affine, order=p.order, antialias=p.antialias, overwrite_input=True,
-                        output=out[c], **kwargs)
-        del arr
-        if label is not None:
-            lab = np.empty((1,) + tuple(new_shape), dtype=label.dtype)
-            rs.resample(label[0], affine, order=0, output=lab[0], **kwargs)
-            label = lab
-        return out, new_affine, label, info
-
-    if name == "normalize":
-        stats = []
-        for c in range(arr.shape[0]):
-            x = arr[c]
-            if p.method == "zscore":
-                stats.append(iops.zscore(x, p.mask))
-            elif p.method == "minmax":
-                stats.append(iops.minmax(x, p.range or (0.0, 1.0), p.mask))
-            elif p.method == "percentile":
-                stats.append(iops.percentile_scale(x, p.percentiles or (0.5, 99.5), p.range or (0.0, 1.0), p.mask))
-            else:
-                level, width = iops.CT_WINDOWS[p.preset] if p.preset else (p.level, p.width)
-                stats.append(iops.window(x, level, width, p.range or (0.0, 1.0)))
-        return arr, affine, label, {"method": p.method, "channels": stats}
-
-    if name == "clip":
-        stats = []
-        for c in range(arr.shape[0]):
-            if p.percentiles is not None:
-                stats.append(iops.clip_percentiles(arr[c], p.percentiles, p.mask))
-            else:
-                stats.append(iops.clip_values(arr[c], p.range[0], p.range[1], p.mask))
-        return arr, affine, label, {"channels": stats}
-
-    if name == "crop_pad":
-        bbox = crop_ops.foreground_bbox(arr, p.threshold) if p.mode == "foreground" else None
-        offsets = crop_ops.window_offsets(arr.shape[1:], p.shape, p.mode, bbox)
-        arr = crop_ops.crop_pad(arr, p.shape, offsets, p.pad_value)
-        if label is not None:
-            label = crop_ops.crop_pad(label, p.shape, offsets, 0)  # label background
-        info = {"offset": list(offsets), "shape": list(p.shape),
-                "foreground_bbox": None if bbox is None else [list(b) for b in bbox]}
-        return arr, crop_ops.shifted_affine(affine, offsets), label, info
-
-    if name == "cast":
-        return iops.cast(arr, p), affine, label, {"dtype": p}
-    raise ValueError(f"unknown step {name!r}")  # unreachable: validated
-
-
-def _as_label_step(name: str, params):
-    """A spatial step's parameters for a label map: nearest neighbour, background 0 (as for a paired label)."""
-    if name == "resample":
-        return params.model_copy(update={"order": 0, "antialias": False})
-    if name == "crop_pad":
-        return params.model_copy(update={"pad_value": 0.0, "threshold": None})
-    return params
-
-
-def _reorient4(arr, affine, target):
-    data, new_affine = reorient(np.moveaxis(arr, 0, -1), affine, target)
-    return np.moveaxis(data, -1, 0), new_affine
 
 
 def _check_image_dtype(path: str, data: np.ndarray) -> None:
@@ -777,13 +497,14 @@ def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent
 def memory_extra(input_path: str, options: Options) -> int:
     """Bytes beyond ``memory_factor`` x the input when the steps grow the grid.
 
-    Upsampling (``resample``) and padding (``crop_pad``) make arrays larger than
-    the input: two float32 arrays of the largest grid along the steps (the
-    resampled output and the next step's copy), less the input grid already
-    counted, for every channel. The voxel count after ``resample`` to a spacing
-    keeps the field of view: input voxels x input voxel volume / target voxel
-    volume (mm^3), whatever a ``reorient`` before it does to the axes. Reads the
-    header only, and only when a step changes the grid.
+    A step that changes the number of voxels (one with a ``grid``: upsampling
+    by ``resample``, padding by ``crop_pad``) can make arrays larger than the
+    input: two float32 arrays of the largest grid along the steps (the step's
+    output and the next step's copy), less the input grid already counted, for
+    every channel. Each such step's ``grid`` gives the grid it makes of the one
+    before, from the header's (``resample`` to a spacing keeps the field of
+    view, whatever a ``reorient`` before it does to the axes). Reads the header
+    only, and only when such a step is present.
 
     Returns
     -------
@@ -791,8 +512,8 @@ def memory_extra(input_path: str, options: Options) -> int:
         Bytes; 0 when no step grows the grid, or the header cannot be read (the
         task itself reports that file).
     """
-    grid_steps = [st for st in options.steps if isinstance(st, (ResampleStep, CropPadStep))]
-    if not grid_steps:
+    growing = [(entry.step.grid, entry.options) for entry in options.steps if entry.step.grid is not None]
+    if not growing:
         return 0
     try:
         header = nib.load(input_path).header
@@ -802,20 +523,11 @@ def memory_extra(input_path: str, options: Options) -> int:
         return 0
     spatial = math.prod(shape[:3]) if len(shape) >= 3 else math.prod(shape)
     channels = math.prod(shape[3:]) if len(shape) > 3 else 1
-    voxel_volume = math.prod(abs(z) for z in zooms[:3]) if len(zooms) >= 3 else 1.0
-    voxels = largest = spatial
-    for st in grid_steps:
-        if isinstance(st, CropPadStep):
-            voxels = math.prod(st.crop_pad.shape)
-        elif st.resample.shape is not None:
-            new = math.prod(st.resample.shape)
-            voxel_volume = voxel_volume * voxels / new  # same field of view
-            voxels = new
-        else:
-            new_volume = math.prod(st.resample.spacing)
-            voxels = int(math.ceil(voxels * voxel_volume / new_volume))
-            voxel_volume = new_volume
-        largest = max(largest, voxels)
+    grid = Grid(spatial, math.prod(abs(z) for z in zooms[:3]) if len(zooms) >= 3 else 1.0)
+    largest = spatial
+    for grid_after, p in growing:
+        grid = grid_after(p, grid)
+        largest = max(largest, grid.voxels)
     return max(0, largest - spatial) * channels * 4 * 2
 
 
