@@ -308,7 +308,7 @@ def _known_keys(loc: tuple, data: dict) -> list[str]:
 
 # a value's repr for messages, with bounded work: a few items of each list, a few levels deep
 _REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 5, 5, 5, 5
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 5, 5, 5, 5, 5
 _REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
 
 
