@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from niconv import cluster
+from niconv import dask_backend, runfiles
 from niconv.config import load_config
 from niconv.errors import ClusterError, ConfigError
 from niconv.log import latest_by_task, read_rows
 from niconv.manifest import Task, shard
 from niconv.runner import run
 from niconv.scan import build_manifest
+from niconv.slurm import max_array_size, plan_arrays, sbatch_script, submit, wait
 from conftest import niconv, write_config
 
 SCHEDULER = os.environ.get("NICONV_DASK_SCHEDULER", "tcp://127.0.0.1:8786")
@@ -90,7 +91,7 @@ def outcome(config_path: Path, log: Path | None = None) -> tuple[list[dict], dic
     """
     config = load_config(config_path)
     root = Path(config.output.root)
-    rows = cluster.latest_rows(config, build_manifest(config)) if log is None else latest_by_task(read_rows(log))
+    rows = runfiles.latest_rows(config, build_manifest(config)) if log is None else latest_by_task(read_rows(log))
     norm = [{k: (os.path.relpath(v, root) if k == "output_path" else v) for k, v in r.items() if k not in VOLATILE}
             for r in rows.values()]
     files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -148,18 +149,18 @@ def test_cohort_shards_cover_the_manifest(tmp_path, cohort):
 
 
 def test_arrays_split_at_max_array_size():
-    jobs = cluster.plan_arrays(range(2500), 1001)
+    jobs = plan_arrays(range(2500), 1001)
     assert [(j.offset, j.array_range) for j in jobs] == [(0, "0-1000"), (1001, "0-1000"), (2002, "0-497")]
     assert [s for j in jobs for s in j.shards] == list(range(2500))
     # a retry keeps each shard in its block, runs compressed
-    retry = cluster.plan_arrays([1, 2, 3, 7, 1500], 1001)
+    retry = plan_arrays([1, 2, 3, 7, 1500], 1001)
     assert [(j.offset, j.array_range, j.shards) for j in retry] == [(0, "1-3,7", (1, 2, 3, 7)), (1001, "499", (1500,))]
 
 
 def test_sbatch_script(tmp_path):
-    text = cluster.sbatch_script(tmp_path / "my config.yaml", 2500, "debug", "02:00:00", "8G", 4, 10,
-                                 ["--account=lab"], "module load python\nsource venv/bin/activate",
-                                 "0-497", offset=2002, logs_dir=tmp_path / "logs")
+    text = sbatch_script(tmp_path / "my config.yaml", 2500, "debug", "02:00:00", "8G", 4, 10,
+                         ["--account=lab"], "module load python\nsource venv/bin/activate",
+                         "0-497", offset=2002, logs_dir=tmp_path / "logs")
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     for want in ("--array=0-497%10", "--cpus-per-task=4", "--mem=8G", "--time=02:00:00", "--partition=debug",
@@ -182,17 +183,17 @@ def test_slurm_options_come_from_the_config(tmp_path, cohort):
     sbatch: ["#SBATCH --account=lab", "--qos=low"]
     preamble: [module load python, source venv/bin/activate]
 """)
-    scripts = cluster.submit(cfg, load_config(cfg), 5, dry_run=True, max_size=2)
+    scripts = submit(cfg, load_config(cfg), 5, dry_run=True, max_size=2)
     assert len(scripts) == 3 and "#SBATCH --array=0-1" in scripts[0] and "#SBATCH --array=0" in scripts[2]
     assert "SHARD=$((4 + SLURM_ARRAY_TASK_ID))" in scripts[2]
     for want in ("#SBATCH --partition=long", "#SBATCH --cpus-per-task=3", "#SBATCH --account=lab",
                  "#SBATCH --qos=low", "source venv/bin/activate", f"--output={tmp_path / 'job-logs'}/"):
         assert want in scripts[0]
-    retry = cluster.submit(cfg, load_config(cfg), 5, only=[3], retry_failed=True, dry_run=True, max_size=2)
+    retry = submit(cfg, load_config(cfg), 5, only=[3], retry_failed=True, dry_run=True, max_size=2)
     assert len(retry) == 1 and "#SBATCH --array=1\n" in retry[0] and "SHARD=$((2 + SLURM_ARRAY_TASK_ID))" in retry[0]
     assert retry[0].rstrip().endswith("--quiet --retry-failed")  # failed tasks are redone, not skipped
     with pytest.raises((ConfigError, ValidationError), match="expected a SLURM memory size"):
-        cluster.cluster_options(load_config(make_config(tmp_path, cohort, "    mem: lots\n")))
+        load_config(make_config(tmp_path, cohort, "    mem: lots\n"))
 
 
 def test_status_merge_and_retry_from_shard_logs(tmp_path, cohort):
@@ -212,11 +213,11 @@ def test_status_merge_and_retry_from_shard_logs(tmp_path, cohort):
         if i != not_run:
             run(config, tasks, jobs=1, shard=(i, 4), progress=False)
 
-    st = cluster.status(config)
+    st = runfiles.status(config, tasks)
     assert (st.total, st.failed, st.pending) == (5, 1, len(shard(tasks, not_run, 4)))
     assert st.done == 5 - 1 - st.pending and st.failures[0][0] == broken.input_path
-    assert cluster.shards_to_retry(config, 4) == sorted({not_run, owner[broken.task_id]})
-    merged = cluster.merge(config)
+    assert runfiles.shards_to_retry(config, 4, tasks) == sorted({not_run, owner[broken.task_id]})
+    merged = runfiles.merge(config, tasks)
     ids = [r["task_id"] for r in read_rows(merged)]
     assert ids == [t.task_id for t in tasks if owner[t.task_id] != not_run]  # manifest order, pending absent
     assert niconv("status", cfg).returncode == 1
@@ -232,7 +233,7 @@ def test_slurm_array_of_4_shards_equals_a_local_run(slurm, reference, tmp_path, 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "submitted 4 of 4 shards" in done.stdout and "0 failed, 0 pending" in done.stdout
     config = load_config(cfg)
-    script = next(cluster.default_logs_dir(config).glob("*.sbatch")).read_text()
+    script = next(runfiles.slurm_logs_dir(config.log_path).glob("*.sbatch")).read_text()
     assert "#SBATCH --array=0-3\n" in script
     assert niconv("merge", cfg).returncode == 0
     tasks = build_manifest(config)
@@ -245,24 +246,25 @@ def test_cancelled_array_task_is_resubmitted_by_retry_failed(slurm, reference, t
     # one shard at a time, and MaxArraySize 3 so that shard 3 runs in a second array (offset 3)
     cfg = make_config(tmp_path, cohort, "    max_parallel: 1\n")
     config = load_config(cfg)
-    first, second = cluster.submit(cfg, config, 4, max_size=3)
+    first, second = submit(cfg, config, 4, max_size=3)
     end = time.monotonic() + 30
     # midway: array task 0 has started, task 2 (shard 2) is still held back by %1
     while (states := squeue_states(first)).get(0) == "PENDING" or states.get(2) != "PENDING":
         assert time.monotonic() < end, f"array {first} never reached 'task 0 started, task 2 pending': {states}"
         time.sleep(0.1)
     subprocess.run(["scancel", f"{first}_2"], check=True)
-    cluster.wait([first, second], timeout=60)
-    st = cluster.status(config)
-    assert st.pending == len(shard(build_manifest(config), 2, 4)) > 0 and st.failed == 0
-    assert cluster.shards_to_retry(config, 4) == [2]
+    wait([first, second], timeout=60)
+    tasks = build_manifest(config)
+    st = runfiles.status(config, tasks)
+    assert st.pending == len(shard(tasks, 2, 4)) > 0 and st.failed == 0
+    assert runfiles.shards_to_retry(config, 4, tasks) == [2]
 
     again = niconv("submit", cfg, "--slurm", "--retry-failed", "--wait", timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "submitted 1 of 4 shards" in again.stdout
-    assert cluster.shards_to_retry(config, 4) == []
+    assert runfiles.shards_to_retry(config, 4, tasks) == []
     assert niconv("submit", cfg, "--slurm", "--retry-failed").stdout.startswith("nothing to resubmit")
-    cluster.merge(config)
+    runfiles.merge(config, tasks)
     assert outcome(cfg, config.log_path) == reference
 
 
@@ -270,9 +272,9 @@ def test_cancelled_array_task_is_resubmitted_by_retry_failed(slurm, reference, t
 def test_sbatch_errors_name_the_command_and_its_output(slurm, tmp_path, cohort):
     cfg = make_config(tmp_path, cohort, "    partition: no_such_partition\n")
     with pytest.raises(ClusterError) as info:
-        cluster.submit(cfg, load_config(cfg), 2)
+        submit(cfg, load_config(cfg), 2)
     assert "sbatch --parsable" in str(info.value) and "partition" in str(info.value).lower()
-    assert cluster.max_array_size() >= 1
+    assert max_array_size() >= 1
 
 
 # --------------------------------------------------------------------------- real Dask
@@ -312,5 +314,5 @@ def test_dask_jobqueue_slurm_cluster_run_equals_loky(slurm, reference, tmp_path,
 
 def test_unreachable_scheduler_is_a_cluster_error():
     with pytest.raises(ClusterError, match="cannot reach the Dask scheduler"):
-        with cluster.dask_client("tcp://127.0.0.1:9", timeout=2):
+        with dask_backend.dask_client("tcp://127.0.0.1:9", timeout=2):
             pass

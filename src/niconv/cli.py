@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import contextlib
 import os
 import sys
 from importlib import resources
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from . import __version__, converters
 from .errors import ClusterError, ConfigError, LockError, LogError, NiconvError, ScanError
+from .manifest import TASKS_PER_SHARD, default_shards
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -74,12 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     ve = add_command(sub, "verify", "re-hash the outputs a log records and name the missing or different ones")
     ve.add_argument("log", help="a niconv CSV log (niconv_log.csv)")
 
-    try:
-        from . import cluster
-    except ImportError:  # cluster extras not installed
-        cluster = None
-    if cluster is not None and hasattr(cluster, "add_arguments"):
-        cluster.add_arguments(sub)
+    s = add_command(sub, "submit", "run the shards of a config as SLURM job arrays", config=True)
+    s.add_argument("--slurm", action="store_true", help="submit to SLURM with sbatch (the only scheduler so far)")
+    s.add_argument("--shards", type=int, metavar="N",
+                   help=f"array tasks (default: cluster.slurm.shards, else one per {TASKS_PER_SHARD} inputs)")
+    s.add_argument("--partition", metavar="P", help="sbatch --partition")
+    s.add_argument("--time", metavar="T", help="sbatch --time per shard, e.g. 02:00:00")
+    s.add_argument("--mem", metavar="M", help="sbatch --mem per shard, e.g. 8G")
+    s.add_argument("--cpus", type=int, metavar="C", help="sbatch --cpus-per-task; the --jobs of each shard")
+    s.add_argument("--max-parallel", type=int, metavar="K", help="at most K shards running at once (--array=...%%K)")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="resubmit only the shards that still have failed or missing tasks")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    s.add_argument("--wait", action="store_true", help="wait until the arrays finish, then print the status")
+
+    add_command(sub, "status", "count the done, failed, pending and skipped tasks across all shard logs", config=True)
+
+    m = add_command(sub, "merge", "merge the shard logs into one log, in manifest order", config=True)
+    m.add_argument("--output", metavar="PATH", help="write here instead of the configured log")
     return p
 
 
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: usage error or --help
         return int(exc.code or 0) if exc.code in (0, None) else EXIT_USAGE
     try:
-        code = args.func(args) if hasattr(args, "func") else _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader gone (`| head`) shows here, not as Python exits
         return code
     except BrokenPipeError:
@@ -158,14 +172,16 @@ def cmd_run(args) -> int:
               "command to resume (with --retry-failed to redo the tasks that failed)", file=sys.stderr)
     if s.interrupted:
         print("niconv: interrupted; rerun the same command to resume", file=sys.stderr)
-    return s.exit_code
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if (s.failed or s.failed_before or s.error or s.unlogged) else EXIT_OK
 
 
 def cmd_plan(args) -> int:
     import csv
 
     from .log import latest_by_task, read_log
-    from .runner import plan, shard_log_path
+    from .runfiles import shard_log_path
+    from .runner import plan
     from .volume import skip_reason
 
     config, tasks = _load(args)
@@ -257,8 +273,103 @@ def cmd_verify(args) -> int:
     return EXIT_FAILED if bad else EXIT_OK
 
 
+def cmd_submit(args) -> int:
+    """``niconv submit CONFIG --slurm ...``: submit (or print) the sbatch arrays."""
+    from pydantic import ValidationError
+
+    from .config import SlurmOptions, load_config
+    from .runfiles import shards_to_retry
+    from .scan import build_manifest
+    from .slurm import live_shards, shard_count, submit, wait
+
+    if not args.slurm:
+        print("niconv submit: say where to submit: --slurm", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(args.config)
+    overrides = {k: getattr(args, k) for k in ("partition", "time", "mem", "cpus", "max_parallel")
+                 if getattr(args, k) is not None}
+    try:
+        options = SlurmOptions.model_validate({**config.cluster.slurm.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = [("--" + str(e["loc"][0]).replace("_", "-"), e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]
+        raise ConfigError("command line", "; ".join(f"{k}: {m}" for k, m in problems), problems) from exc
+    tasks = build_manifest(config)
+    shards = args.shards or options.shards
+    only = None
+    if args.retry_failed:
+        shards = shards or shard_count(config, len(tasks))
+        retry = shards_to_retry(config, shards, tasks)
+        live = live_shards(config, shards) if not args.dry_run else set()
+        # a shard still queued or running would write its log twice at once
+        only = [s for s in retry if s not in live]
+        if live & set(retry):
+            print(f"still queued or running, not resubmitted: shards {_ranges(sorted(live & set(retry)))}")
+        if not only:
+            print("nothing to resubmit" + ("" if retry else f": every task of the {shards} shards is done"))
+            return EXIT_OK
+    shards = shards or default_shards(len(tasks))
+    result = submit(args.config, config, shards, options, only=only, dry_run=args.dry_run,
+                    retry_failed=args.retry_failed)
+    if args.dry_run:
+        print("\n".join(result), end="")
+        return EXIT_OK
+    count = shards if only is None else len(only)
+    print(f"submitted {count} of {shards} shards ({len(tasks)} tasks) as job array(s): {' '.join(result)}")
+    if not args.wait:
+        print(f"follow with: niconv status {args.config}")
+        return EXIT_OK
+    wait(result)
+    return cmd_status(args)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Shard numbers as compressed runs (``1,4-6``), as in ``--array``."""
+    from .slurm import ArrayJob
+
+    return ArrayJob(0, tuple(numbers)).array_range
+
+
+def cmd_status(args) -> int:
+    """``niconv status CONFIG``: task counts across all logs; EXIT_OK once every task is done or skipped."""
+    from .runfiles import status
+    from .slurm import live_shards, submissions
+
+    config, tasks = _load(args)
+    st = status(config, tasks)
+    print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending, {st.skipped} skipped "
+          f"({len(st.logs)} log file(s) beside {config.log_path})")
+    if st.damaged_lines:
+        print(f"{st.damaged_lines} damaged log line(s) skipped")
+    subs = submissions(config)
+    if subs:
+        with contextlib.suppress(ClusterError):  # squeue unavailable here: the counts still stand
+            live = live_shards(config, int(subs[-1]["shards"]))
+            print(f"queued or running: {len(live)} of {subs[-1]['shards']} shards")
+    for path, kind, message in st.failures[:20]:
+        print(f"failed: {path}: {kind}: {message}")
+    if st.failed > 20:
+        print(f"... and {st.failed - 20} more failed (niconv merge, then read the log)")
+    return EXIT_OK if st.finished else EXIT_FAILED
+
+
+def cmd_merge(args) -> int:
+    """``niconv merge CONFIG``: write the merged log; EXIT_OK once every task is done or skipped."""
+    from .runfiles import merge, status
+
+    config, tasks = _load(args)
+    st = status(config, tasks)
+    path = merge(config, tasks, args.output)
+    finished = st.done + st.skipped
+    print(f"merged {finished + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
+          + (f"; {st.failed} failed, {st.pending} pending" if not st.finished else "")
+          + (f"; {st.damaged_lines} damaged log line(s) left out" if st.damaged_lines else ""))
+    return EXIT_OK if st.finished else EXIT_FAILED
+
+
 _COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "init": cmd_init,
-             "info": cmd_info, "verify": cmd_verify}
+             "info": cmd_info, "verify": cmd_verify, "submit": cmd_submit, "status": cmd_status,
+             "merge": cmd_merge}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -19,9 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator  # noqa: F401
 
 from . import converters
-from .cluster import ClusterOptions
 from .errors import ConfigError
 from .limits import usable_cpus
+from .manifest import TASKS_PER_SHARD
 from .paths import resolve_path
 
 
@@ -109,6 +110,93 @@ def _convert_union():
                 continue
             raise
     return Annotated[Union[tuple(models)], Field(discriminator="to")]
+
+
+class SlurmOptions(_Model):
+    """``cluster.slurm``: how ``niconv submit`` writes its sbatch array scripts.
+
+    Every field can be overridden on the command line (``--partition`` ...).
+    """
+
+    shards: Optional[int] = Field(None, ge=1, description=f"array tasks; default one per {TASKS_PER_SHARD} inputs")
+    partition: Optional[str] = Field(None, description="sbatch --partition")
+    time: Optional[str] = Field(None, description="sbatch --time per array task, e.g. '02:00:00' or '1-00:00:00'")
+    mem: Optional[str] = Field(None, description="sbatch --mem per array task, e.g. '8G'")
+    cpus: int = Field(1, ge=1, description="sbatch --cpus-per-task; also the --jobs of each shard")
+    max_parallel: Optional[int] = Field(None, ge=1, description="array tasks running at once (the %K of --array)")
+    job_name: str = Field("niconv", pattern=r"^[A-Za-z0-9_.+-]+$", description="sbatch --job-name")
+    logs: Optional[Path] = Field(None, description="folder of the scripts and per-task stdout/stderr; "
+                                                   "default <log folder>/<log stem>.slurm")
+    sbatch: list[str] = Field(default_factory=list, description="extra #SBATCH lines, e.g. '--account=lab'")
+    preamble: str = Field("", description="shell lines run before niconv (module load, venv activate)")
+    command: str = Field("niconv", description="how the job calls niconv, e.g. '/opt/venv/bin/niconv'")
+
+    _logs = field_validator("logs", mode="before")(resolve_path)
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v):
+        # SLURM accepts M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+        if v is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", v):
+            raise ValueError(f"expected a SLURM time like '02:00:00' or '1-12:00:00', found {v!r}")
+        return v
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v):
+        if v is not None and not re.fullmatch(r"\d+[KMGT]?", str(v), re.IGNORECASE):
+            raise ValueError(f"expected a SLURM memory size like '8G' or '500M', found {v!r}")
+        return None if v is None else str(v)
+
+    @field_validator("sbatch", mode="before")
+    @classmethod
+    def _sbatch(cls, v):
+        items = [v] if isinstance(v, str) else v
+        out = []
+        for item in items or []:
+            line = str(item).strip()
+            # accept '#SBATCH --x', 'SBATCH --x' and '--x' alike
+            line = re.sub(r"^#?\s*SBATCH\s+", "", line)
+            if "\n" in line or not line.startswith("-"):
+                raise ValueError(f"expected one sbatch option per item like '--account=lab', found {item!r}")
+            out.append(line)
+        return out
+
+    @field_validator("preamble", mode="before")
+    @classmethod
+    def _preamble(cls, v):
+        return "\n".join(map(str, v)) if isinstance(v, list) else (v or "")
+
+
+class JobqueueOptions(_Model):
+    """``cluster.jobqueue``: Dask workers as SLURM jobs (``dask_jobqueue.SLURMCluster``).
+
+    Used by ``backend: dask`` when no scheduler address is given; without this
+    section a ``distributed.LocalCluster`` is started instead. The fields are
+    ``SLURMCluster`` arguments of the same name, plus ``jobs`` and ``timeout``.
+    """
+
+    jobs: int = Field(1, ge=1, description="SLURM jobs to start (each runs `processes` workers)")
+    cores: int = Field(1, ge=1)
+    memory: str = "2GB"
+    processes: int = Field(1, ge=1)
+    queue: Optional[str] = Field(None, description="partition")
+    account: Optional[str] = None
+    walltime: str = "01:00:00"
+    interface: Optional[str] = Field(None, description="network interface of scheduler and workers, e.g. 'ib0'")
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    log_directory: Optional[Path] = None
+    timeout: float = Field(300, gt=0, description="seconds to wait for the workers to start")
+
+    _log_directory = field_validator("log_directory", mode="before")(resolve_path)
+
+
+class ClusterOptions(_Model):
+    """The ``cluster:`` section of a config."""
+
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    jobqueue: Optional[JobqueueOptions] = None
 
 
 class Config(_Model):

@@ -9,12 +9,17 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 # Bump when a converter's output bytes change for the same inputs and options,
 # so resumed runs redo tasks written by an older niconv.
 OUTPUT_FORMAT_VERSION = 1
+# Default shard size of a sharded run when no shard count is given: a few dozen
+# files per shard keeps the start-up cost (Python, imports, manifest scan) small
+# next to the work, without flooding the scheduler with array tasks.
+TASKS_PER_SHARD = 50
 
 
 @dataclass(frozen=True)
@@ -119,3 +124,8 @@ def shard(tasks: tuple[Task, ...], index: int, count: int) -> tuple[Task, ...]:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: expected 0 <= I < N and N >= 1")
     return tuple(t for t, s in zip(tasks, shard_owners(tasks, count)) if s == index)
+
+
+def default_shards(n_tasks: int) -> int:
+    """One shard per :data:`TASKS_PER_SHARD` tasks, at least one."""
+    return max(1, math.ceil(n_tasks / TASKS_PER_SHARD))

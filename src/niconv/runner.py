@@ -23,10 +23,12 @@ import numpy as np
 
 from . import __version__, converters, dispatch
 from .config import Config
+from .dask_backend import dask_backend
 from .limits import available_memory, cap_jobs
 from .lock import LOCK_FILE, run_lock
 from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
+from .runfiles import outputs_intact, run_record_path, shard_log_path
 from .volume import image_bytes
 from .writers import WriteScope, remove_stale_temps
 
@@ -87,40 +89,6 @@ class RunSummary:
         2 decimals, so the summary line and the run record give the same figure."""
         return round(self.converted / self.conversion_seconds, 2) if self.conversion_seconds > 0 else 0.0
 
-    @property
-    def exit_code(self) -> int:
-        """0 all ok or done; 1 a task failed, a result could not be logged, or the run
-        stopped on an error (full disk, read-only folder); 130 interrupted."""
-        if self.interrupted:
-            return 130
-        return 1 if (self.failed or self.failed_before or self.error or self.unlogged) else 0
-
-
-def shard_log_path(log_path: Path, shard: tuple[int, int] | None) -> Path:
-    """The log of one shard: ``niconv_log.csv`` -> ``niconv_log.shard-I-of-N.csv``."""
-    if shard is None:
-        return Path(log_path)
-    i, n = shard
-    p = Path(log_path)
-    return p.with_name(f"{p.stem}.shard-{i}-of-{n}{p.suffix}")
-
-
-def run_record_path(log_path: Path) -> Path:
-    """The JSON run record beside a log: ``niconv_log.csv`` -> ``niconv_log.run.json``."""
-    p = Path(log_path)
-    return p.with_name(p.stem + ".run.json")
-
-
-def outputs_intact(row: dict) -> bool:
-    """True if the output a log row records exists with the recorded size."""
-    if row.get("status") == "skipped":
-        return True  # nothing was written; the unchanged input would be skipped again
-    path = row.get("output_path") or ""
-    try:
-        return _size(Path(path)) == int(row.get("bytes_out") or -1)
-    except (OSError, ValueError):
-        return False
-
 
 def output_problem(row: dict) -> str | None:
     """What is wrong with the output an ``ok`` log row records: ``"missing"``, ``"unreadable"``,
@@ -170,12 +138,6 @@ def plan(tasks: tuple[Task, ...], log_rows: list[dict], *, force: bool = False,
             if status == "ok":
                 redone.append(t)
     return Plan(tuple(pending), tuple(done), tuple(failed), tuple(skipped), tuple(redone))
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith(".niconv-tmp-"))
-    return path.stat().st_size
 
 
 def memory_budget(config: Config) -> int:
@@ -245,8 +207,6 @@ def concurrency_groups(tasks: tuple[Task, ...], jobs: int, budget: int) -> list[
 def _backend(config: Config, backend: str, scheduler: str | None):
     """joblib backend chosen from outside the dispatch call."""
     if backend == "dask":
-        from .cluster import dask_backend
-
         with dask_backend(config, scheduler):
             yield
     else:

@@ -30,9 +30,10 @@ from typing import Callable, Iterable
 from . import converters
 from .errors import ConfigError, ScanError
 from .lock import LOCK_FILE
-from .log import STATUSES
+from .log import STATUSES, read_rows
 from .manifest import Task
 from .paths import within
+from .runfiles import log_files, run_record_path
 from .writers import TEMP_PREFIX
 
 # offending paths shown in a message (the count is always given)
@@ -140,9 +141,6 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
         Naming the file and the config key, if one is an input, is a folder, or
         exists and is not niconv's.
     """
-    from .cluster import log_files
-    from .runner import run_record_path
-
     real = real or os.path.realpath
     log = Path(config.log_path)
     files = {log: ("the log", _log_problem)}
@@ -303,9 +301,6 @@ def _taken(path: str, root: str, scanned) -> bool:
 
 def _recorded_outputs(config, real) -> tuple[set[str], set[str]]:
     """Real output paths the tree's logs record: of ``ok`` rows, and of any row (folders may stay after a failure)."""
-    from .cluster import log_files
-    from .log import read_rows
-
     ok, any_row = set(), set()
     for log in log_files(config.log_path):
         for row in read_rows(log):
