@@ -271,3 +271,22 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_completes(big_cohort):
     assert outputs(out) == reference
     per_task = Counter(r["task_id"] for r in check_log(log, out) if r["status"] == "ok")
     assert len(per_task) == total and set(per_task.values()) == {1}
+
+
+def test_a_task_writing_two_files_is_done_on_the_rerun(cohort, extra, tmp_path, frozen_inputs):
+    """A preprocessed image with its label map beside it (format: npy) writes two files; its row's
+    bytes_out counts both, and a rerun must see the task done, not redo it every time."""
+    raw = tmp_path / "in"
+    raw.mkdir()
+    shutil.copy(cohort / "sct_t2s.nii.gz", raw / "t2s.nii.gz")
+    shutil.copy(extra / "sct_t2s_seg_int64.nii.gz", raw / "t2s_seg.nii.gz")  # its real segmentation
+    frozen_inputs(raw)
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\nconvert:\n  to: preprocess\n"
+                                 "  format: npy\n  labels: '{stem}_seg.nii.gz'\n  steps: [reorient]\n")
+    first = niconv("run", cfg, "--quiet")
+    assert first.returncode == 0 and first.stdout.startswith("niconv: 1 converted"), first.stderr
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.npy"))
+    assert written == ["t2s.npy", "t2s_label.npy"]
+    again = niconv("run", cfg, "--quiet")
+    assert again.stdout.startswith("niconv: 0 converted, 1 already done"), again.stdout
+    assert "1 done" in niconv("plan", cfg).stderr

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import converters
 from .log import COLUMNS, latest_by_task, open_log, read_log
 from .manifest import Task, shard_owners
 from .writers import TEMP_PREFIX, atomic_output
@@ -84,13 +85,18 @@ def logged_shard_count(log: str | os.PathLike) -> int | None:
 # --------------------------------------------------------------------------- state of the tasks
 
 
-def outputs_intact(row: dict) -> bool:
-    """True if the output a log row records exists with the recorded size."""
+def outputs_intact(row: dict, task: Task | None = None) -> bool:
+    """True if the outputs a log row records exist with the recorded size.
+
+    ``bytes_out`` counts every file a task wrote: with its ``task``, the sizes of
+    all of them (``Converter.output_paths``: a preprocessed image and its label
+    map beside it) are added up; without, the row's ``output_path`` alone.
+    """
     if row.get("status") == "skipped":
         return True  # nothing was written; the unchanged input would be skipped again
-    path = row.get("output_path") or ""
+    paths = converters.get(task.converter).output_paths(task) if task is not None else (row.get("output_path") or "",)
     try:
-        return _size(Path(path)) == int(row.get("bytes_out") or -1)
+        return sum(_size(Path(p)) for p in paths) == int(row.get("bytes_out") or -1)
     except (OSError, ValueError):
         return False
 
@@ -119,9 +125,9 @@ def _latest_rows(config, tasks: tuple[Task, ...]) -> tuple[dict[str, dict], int]
     return latest_by_task(rows), sum(log.damaged_lines for log in logs)
 
 
-def _is_done(row: dict | None) -> bool:
+def _is_done(row: dict | None, task: Task) -> bool:
     # the runner's own test, so that a task counted done here is one a rerun skips
-    return row is not None and row["status"] in DONE and outputs_intact(row)
+    return row is not None and row["status"] in DONE and outputs_intact(row, task)
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ def status(config, tasks: tuple[Task, ...]) -> RunStatus:
     rows = [latest.get(t.task_id) for t in tasks]
     failures = tuple((r["input_path"], r["error_type"], r["error_message"])
                      for r in rows if r and r["status"] == "failed")
-    finished = sum(map(_is_done, rows))
+    finished = sum(_is_done(r, t) for r, t in zip(rows, tasks))
     skipped = sum(1 for r in rows if r and r["status"] == "skipped")
     return RunStatus(total=len(tasks), done=finished - skipped, failed=len(failures),
                      pending=len(tasks) - finished - len(failures), logs=tuple(log_files(config.log_path)),
@@ -219,4 +225,4 @@ def shards_to_retry(config, shards: int, tasks: tuple[Task, ...]) -> list[int]:
         The manifest (:func:`niconv.scan.build_manifest`).
     """
     latest = latest_rows(config, tasks)
-    return sorted({s for t, s in zip(tasks, shard_owners(tasks, shards)) if not _is_done(latest.get(t.task_id))})
+    return sorted({s for t, s in zip(tasks, shard_owners(tasks, shards)) if not _is_done(latest.get(t.task_id), t)})

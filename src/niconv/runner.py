@@ -129,7 +129,7 @@ def plan(tasks: tuple[Task, ...], log_rows: list[dict], *, force: bool = False,
         status = row["status"] if row else None
         if status == "skipped":
             skipped.append(t)
-        elif status == "ok" and outputs_intact(row) and not (verify and output_problem(row)):
+        elif status == "ok" and outputs_intact(row, t) and not (verify and output_problem(row)):
             done.append(t)
         elif status == "failed" and not retry_failed:
             failed.append(t)
