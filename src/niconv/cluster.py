@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .errors import ClusterError, ConfigError
 from .limits import usable_cpus
 from .manifest import Task, shard_owners
 from .paths import resolve_path
+from .schema import ConfigModel, problems
 
 # SLURM's compiled-in MaxArraySize, used by --dry-run when scontrol is unavailable.
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -48,11 +49,7 @@ DONE = ("ok", "skipped")
 # --------------------------------------------------------------------------- config schema
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SlurmOptions(_Model):
+class SlurmOptions(ConfigModel):
     """``cluster.slurm``: how ``niconv submit`` writes its sbatch array scripts.
 
     Every field can be overridden on the command line (``--partition`` ...).
@@ -108,7 +105,7 @@ class SlurmOptions(_Model):
         return "\n".join(map(str, v)) if isinstance(v, list) else (v or "")
 
 
-class JobqueueOptions(_Model):
+class JobqueueOptions(ConfigModel):
     """``cluster.jobqueue``: Dask workers as SLURM jobs (``dask_jobqueue.SLURMCluster``).
 
     Used by ``backend: dask`` when no scheduler address is given; without this
@@ -132,7 +129,7 @@ class JobqueueOptions(_Model):
     _log_directory = field_validator("log_directory", mode="before")(resolve_path)
 
 
-class ClusterOptions(_Model):
+class ClusterOptions(ConfigModel):
     """The ``cluster:`` section of a config."""
 
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
@@ -758,12 +755,13 @@ def cmd_submit(args) -> int:
     base = cluster_options(config).slurm
     overrides = {k: getattr(args, k) for k in ("partition", "time", "mem", "cpus", "max_parallel")
                  if getattr(args, k) is not None}
+    data = {**base.model_dump(), **overrides}
     try:
-        options = SlurmOptions.model_validate({**base.model_dump(), **overrides})
+        options = SlurmOptions.model_validate(data)
     except ValidationError as exc:
-        problems = [("--" + str(e["loc"][0]).replace("_", "-"), e["msg"].removeprefix("Value error, "))
-                    for e in exc.errors()]
-        raise ConfigError("command line", "; ".join(f"{k}: {m}" for k, m in problems), problems) from exc
+        # only the command line's values can be wrong here: the config's were checked on loading
+        flags = [("--" + key.split(".")[0].replace("_", "-"), msg) for key, msg in problems(exc, SlurmOptions, data)]
+        raise ConfigError("command line", "; ".join(f"{k}: {m}" for k, m in flags), flags) from exc
     tasks = _manifest(config)
     shards = args.shards or options.shards
     only = None

@@ -43,25 +43,24 @@ before any step (they would spread through interpolation); ``keep`` leaves them
 """
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import nibabel as nib
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..codec import write_nifti_gz, write_npy, write_npz
 from ..log import fmt_shape
-from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedInput
+from ..errors import InputError, NiconvError, OutputError, SkippedInput
 from ..ops import crop as crop_ops
 from ..ops import intensity as iops
 from ..ops import resample as rs
 from ..ops.labels import label_map_warnings
 from ..ops.orientation import axcodes, reorient
 from ..paths import resolve_path
+from ..schema import ConfigModel, did_you_mean, found, validated
 from ..volume import read_volume
 from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, show_patterns
@@ -72,10 +71,6 @@ INTENSITY_STEPS = ("normalize", "clip", "cast")
 CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
 _SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
 _AXIS_PAIRS = ("LR", "AP", "SI")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 Pair = tuple[float, float]
@@ -92,7 +87,7 @@ def _three_floats(value):
     return value
 
 
-class ResampleParams(_Model):
+class ResampleParams(ConfigModel):
     """``resample``: to a voxel ``spacing`` (mm, one or three numbers) or a ``shape``; spline ``order`` 0-5."""
 
     spacing: Optional[Three] = None
@@ -119,7 +114,7 @@ class ResampleParams(_Model):
         return self
 
 
-class NormalizeParams(_Model):
+class NormalizeParams(ConfigModel):
     """``normalize``: ``method`` zscore | minmax | percentile | window, per channel."""
 
     method: Literal["zscore", "minmax", "percentile", "window"]
@@ -153,8 +148,8 @@ class NormalizeParams(_Model):
                 if self.level is not None or self.width is not None:
                     raise ValueError("window: give a preset or level and width, not both")
                 if self.preset not in iops.CT_WINDOWS:
-                    raise ValueError(f"preset: unknown CT window {self.preset!r}{_hint(self.preset, iops.CT_WINDOWS)}; "
-                                     f"expected one of {', '.join(iops.CT_WINDOWS)}")
+                    raise ValueError(f"preset: unknown CT window {self.preset!r}; expected one of "
+                                     f"{', '.join(iops.CT_WINDOWS)}{did_you_mean(self.preset, iops.CT_WINDOWS)}")
             elif self.level is None or self.width is None:
                 raise ValueError("window: give a preset name or both level and width (HU)")
             elif not self.width > 0:
@@ -162,7 +157,7 @@ class NormalizeParams(_Model):
         return self
 
 
-class ClipParams(_Model):
+class ClipParams(ConfigModel):
     """``clip``: to ``percentiles`` of the (masked) voxels, or to an absolute ``range``."""
 
     percentiles: Optional[Pair] = None
@@ -180,7 +175,7 @@ class ClipParams(_Model):
         return self
 
 
-class CropPadParams(_Model):
+class CropPadParams(ConfigModel):
     """``crop_pad``: to a fixed spatial ``shape``, window at the ``center`` or on the ``foreground``."""
 
     shape: Shape3
@@ -194,7 +189,7 @@ def _check_percentiles(p) -> None:
         raise ValueError(f"percentiles: expected [low, high] with 0 <= low < high <= 100, found {list(p)}")
 
 
-class ReorientStep(_Model):
+class ReorientStep(ConfigModel):
     reorient: str = "RAS"
 
     @field_validator("reorient", mode="before")
@@ -211,23 +206,23 @@ class ReorientStep(_Model):
         return codes
 
 
-class ResampleStep(_Model):
+class ResampleStep(ConfigModel):
     resample: ResampleParams
 
 
-class NormalizeStep(_Model):
+class NormalizeStep(ConfigModel):
     normalize: NormalizeParams
 
 
-class ClipStep(_Model):
+class ClipStep(ConfigModel):
     clip: ClipParams
 
 
-class CropPadStep(_Model):
+class CropPadStep(ConfigModel):
     crop_pad: CropPadParams
 
 
-class CastStep(_Model):
+class CastStep(ConfigModel):
     cast: Literal[CAST_DTYPES] = "float32"  # type: ignore[valid-type]
 
 
@@ -253,7 +248,7 @@ Step = Annotated[
 ]
 
 
-class Options(_Model):
+class Options(ConfigModel):
     """Options of ``to: preprocess`` (the keys beside ``to`` in ``convert:``).
 
     Attributes
@@ -307,29 +302,21 @@ class Options(_Model):
             return ()
         if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
             raise ValueError(f"expected a list of steps, each a one-key mapping such as "
-                             f"{{resample: {{spacing: [1, 1, 1]}}}}, found {type(v).__name__}")
-        items = list(v)
-        names = []
-        for i, item in enumerate(items):
-            if isinstance(item, BaseModel):
-                names.append(_step_key(item))
-                continue
-            if isinstance(item, str) and item in ("reorient", "cast"):
-                # `- reorient` alone means its default
-                items[i] = item = {item: None if item == "reorient" else "float32"}
-            if not isinstance(item, dict) or len(item) != 1:
-                found = list(item) if isinstance(item, dict) else repr(item)
-                raise ValueError(f"steps[{i}]: expected a one-key mapping (one of {', '.join(STEP_NAMES)}), "
-                                 f"found {found}")
-            key = next(iter(item))
-            if key not in STEP_NAMES:
-                raise ValueError(f"steps[{i}]: unknown step {key!r}{_hint(key, STEP_NAMES)}; "
-                                 f"expected one of {', '.join(STEP_NAMES)}")
-            names.append(key)
-        if "cast" in names and names.index("cast") != len(names) - 1:
-            raise ValueError(f"steps[{names.index('cast')}]: cast must be the last step "
-                             f"(steps after it would work on the cast dtype)")
-        return tuple(items)
+                             f"{{resample: {{spacing: [1, 1, 1]}}}}, found {found(v)}")
+        # `- reorient` alone means its default; an unknown or malformed step is reported by its
+        # item (the union's tag), beside every other problem
+        return tuple({item: None if item == "reorient" else "float32"} if item in ("reorient", "cast") else item
+                     for item in v)
+
+    @field_validator("steps")
+    @classmethod
+    def _cast_last(cls, v):
+        names = [_step_key(step) for step in v]
+        if "cast" in names[:-1]:
+            at = names.index("cast")
+            raise ValueError(f"cast must be the last step (steps after it would work on the cast dtype); "
+                             f"found it at steps[{at}], followed by {', '.join(names[at + 1:])}")
+        return v
 
     _labels = field_validator("labels")(lambda v: check_pair_patterns(v))
 
@@ -338,11 +325,6 @@ class Options(_Model):
         if self.labels_root is not None and self.labels is None:
             raise ValueError("labels_root is set but labels (the pairing pattern) is not")
         return self
-
-
-def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def steps_as_dicts(options: Options) -> list[dict]:
@@ -451,13 +433,8 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
         if format is None:
             raise OutputError(out, "cannot tell the output format: expected a name ending in "
                                    ".npz, .npy, .nii or .nii.gz (or pass format=)")
-    try:
-        options = Options(to="preprocess", steps=steps, layout=layout, format=format, nan=nan,
-                          compressed=compressed)
-    except ValidationError as exc:
-        errors = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
-        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors)
-        raise ConfigError(errors[0][0] if errors else "steps", text, errors) from None
+    options = validated(Options, dict(to="preprocess", steps=steps, layout=layout, format=format, nan=nan,
+                                      compressed=compressed))
     _preprocess(str(image_path), out, options, None if label_path is None else str(label_path))
     return out
 
