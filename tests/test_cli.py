@@ -22,7 +22,7 @@ convert: {to: numpy, compresed: true}
     problems = dict(info.value.errors)
     assert problems["input.exlude"] == "unknown key 'exlude'; did you mean 'exclude'?"
     assert problems["output.root"] == "required key is missing"
-    assert problems["jobs"].startswith("Input should be greater than or equal to 1") and "found 0" in problems["jobs"]
+    assert problems["jobs"] == "expected a whole number of at least 1, found 0"
     assert problems["convert.compresed"] == "unknown key 'compresed'; did you mean 'compressed'?"
     proc = niconv("validate", cfg)
     assert proc.returncode == 2

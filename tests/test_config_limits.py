@@ -107,7 +107,7 @@ def test_values_are_shown_short_whatever_their_size(tmp_path):
     items = ", ".join(["x"] * 60_000)
     errors = problems(f"input: {{root: raw}}\noutput: {{root: out, layout: [{items}]}}\nconvert: {{to: numpy}}\n",
                       tmp_path)
-    assert errors == [("output.layout", "Input should be 'mirror' or 'flat'; found ['x', 'x', 'x', 'x', 'x', ...]")]
+    assert errors == [("output.layout", "expected 'mirror' or 'flat', found the list ['x', 'x', 'x', 'x', 'x', ...]")]
 
 
 @pytest.mark.parametrize("text, words", [

@@ -81,7 +81,7 @@ def test_options_defaults_and_registry():
         ({"window": "bone2"}, "convert.window", "did you mean 'bone'"),
         ({"planes": ["axial", "transverse"]}, "convert.planes", "found 'transverse'"),
         ({"format": "jpg", "bit_depth": 16}, "convert", "format jpg stores 8 bits per pixel only"),
-        ({"colour": True}, "convert.colour", "Extra inputs are not permitted"),
+        ({"colour": True}, "convert.colour", "unknown key 'colour'"),
         ({"bit_depth": 12}, "convert.bit_depth", "found 12"),
         ({"slice_range": [10, 5]}, "convert", "start < stop; found [10, 5]"),
         ({"format": "jpg", "label": True}, "convert", "format jpg is lossy and would create new label values"),

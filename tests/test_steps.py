@@ -96,10 +96,8 @@ def test_resolved_window_normalize_validates_again():
 
 def test_unknown_step_name_says_did_you_mean(tmp_path):
     assert config_errors(tmp_path, "    - reorient: RAS\n    - resampel: {spacing: 1}\n    - nromalize\n") == [
-        ("convert.steps[1]", f"unknown step 'resampel' (did you mean 'resample'?); expected one of {NAMES}; "
-                             f"found {{'resampel': {{'spacing': 1}}}}"),
-        ("convert.steps[2]", f"unknown step 'nromalize' (did you mean 'normalize'?); expected one of {NAMES}; "
-                             f"found 'nromalize'"),
+        ("convert.steps[1]", f"expected one of {NAMES}, found 'resampel'; did you mean 'resample'?"),
+        ("convert.steps[2]", f"expected one of {NAMES}, found 'nromalize'; did you mean 'normalize'?"),
     ]
 
 
@@ -107,16 +105,15 @@ def test_bad_option_inside_a_step_is_named_by_its_key_path(tmp_path):
     assert config_errors(tmp_path, "    - resample: {spacing: 1, order: 7}\n    - crop_pad: {shape: [8, 0, 8]}\n"
                                    "    - normalize: {method: zscore, percentiles: [1, 99]}\n"
                                    "    - clip: 2\n    - resample\n") == [
-        ("convert.steps[0].resample.order", "Input should be less than or equal to 5; found 7"),
-        ("convert.steps[1].crop_pad.shape[1]", "Input should be greater than or equal to 1; found 0"),
-        ("convert.steps[2].normalize", "percentiles does not apply to method zscore (it takes: mask); "
-                                       "found {'method': 'zscore', 'percentiles': [1, 99]}"),
+        ("convert.steps[0].resample.order", "expected a whole number from 0 to 5, found 7"),
+        ("convert.steps[1].crop_pad.shape[1]", "expected a whole number of at least 1, found 0"),
+        ("convert.steps[2].normalize", "percentiles does not apply to method zscore (it takes: mask)"),
         ("convert.steps[3]", "expected clip: {percentiles, range, mask}, found clip: 2"),
         ("convert.steps[4]", "expected resample: {spacing, shape, order, antialias}, found 'resample' alone"),
     ]
     assert config_errors(tmp_path, "    - cast: uint8\n    - clip: {range: [0, 1]}\n") == [
-        ("convert.steps", "steps[0]: cast must be the last step (steps after it would work on the cast dtype); "
-                          "found [{'cast': 'uint8'}, {'clip': {'range': [0, 1]}}]")]
+        ("convert.steps", "cast must be the last step (steps after it would work on the cast dtype); "
+                          "found it at steps[0], followed by clip")]
 
 
 # ---------------------------------------------------------------- a step added to the table
@@ -225,9 +222,9 @@ def test_a_registered_step_is_usable_in_a_config(cohort, tmp_path, frozen_inputs
     assert got["t2s.nii.gz"]["applied"][1] == {"step": 1, "name": "scale", "factor": 3.0}
 
     assert config_errors(tmp_path, "    - scal: 2\n    - flip: {axis: 3}\n    - flip\n    - scale\n") == [
-        ("convert.steps[0]", "unknown step 'scal' (did you mean 'scale'?); expected one of "
-                             f"{NAMES}, flip, scale, supersample; found {{'scal': 2}}"),
-        ("convert.steps[1].flip.axis", "Input should be less than or equal to 2; found 3"),
+        ("convert.steps[0]", f"expected one of {NAMES}, flip, scale, supersample, found 'scal'; "
+                             "did you mean 'scale'?"),
+        ("convert.steps[1].flip.axis", "expected a whole number from 0 to 2, found 3"),
         ("convert.steps[3]", "expected scale: <value>, found 'scale' alone")]
     assert Options(steps=["flip"]).model_dump(mode="json")["steps"] == [{"flip": {"axis": 0}}]
 

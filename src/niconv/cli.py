@@ -280,6 +280,7 @@ def cmd_submit(args) -> int:
     from .config import SlurmOptions, load_config
     from .runfiles import shards_to_retry
     from .scan import build_manifest
+    from .schema import problems
     from .slurm import live_shards, shard_count, submit, wait
 
     if not args.slurm:
@@ -288,12 +289,13 @@ def cmd_submit(args) -> int:
     config = load_config(args.config)
     overrides = {k: getattr(args, k) for k in ("partition", "time", "mem", "cpus", "max_parallel")
                  if getattr(args, k) is not None}
+    data = {**config.cluster.slurm.model_dump(), **overrides}
     try:
-        options = SlurmOptions.model_validate({**config.cluster.slurm.model_dump(), **overrides})
+        options = SlurmOptions.model_validate(data)
     except ValidationError as exc:
-        problems = [("--" + str(e["loc"][0]).replace("_", "-"), e["msg"].removeprefix("Value error, "))
-                    for e in exc.errors()]
-        raise ConfigError("command line", "; ".join(f"{k}: {m}" for k, m in problems), problems) from exc
+        # only the command line's values can be wrong here: the config's were checked on loading
+        flags = [("--" + key.split(".")[0].replace("_", "-"), msg) for key, msg in problems(exc, SlurmOptions, data)]
+        raise ConfigError("command line", "; ".join(f"{k}: {m}" for k, m in flags), flags) from exc
     tasks = build_manifest(config)
     shards = args.shards or options.shards
     only = None

@@ -3,27 +3,26 @@
 The YAML is read with ``yaml.safe_load`` and validated once, here, into frozen
 pydantic models. Every problem is reported in one pass, each naming the config
 file, the key path (``convert.window``), what was expected and what was found;
-unknown keys get a "did you mean" hint. Relative paths resolve against the
-config file's folder.
+unknown keys get a "did you mean" hint (:func:`niconv.schema.validated`).
+Relative paths resolve against the config file's folder.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
-import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator  # noqa: F401
+from pydantic import Field, ValidationInfo, field_validator
 
 from . import converters
 from .errors import ConfigError
 from .limits import usable_cpus
 from .manifest import TASKS_PER_SHARD
 from .paths import resolve_path
+from .schema import ConfigModel, found, show, validated
 
 
 #: A config is a few kB; a larger file is not one (and parsing megabytes of YAML takes minutes).
@@ -33,17 +32,13 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_VALUES = 100_000
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _required_path(value: Any, info: ValidationInfo) -> Any:
     if value is None:
         raise ValueError("expected a folder path, found nothing (null)")
     return resolve_path(value, info)
 
 
-class InputSpec(_Model):
+class InputSpec(ConfigModel):
     """``input:``: where the cohort is and which files to take."""
 
     root: list[Path] = Field(description="input folder(s)")
@@ -65,10 +60,15 @@ class InputSpec(_Model):
     @field_validator("include", "exclude", "label_maps", mode="before")
     @classmethod
     def _globs(cls, v):
-        return [v] if isinstance(v, str) else v
+        # one glob may stand alone
+        if isinstance(v, str):
+            return [v]
+        if v is None or isinstance(v, list):
+            return v
+        raise ValueError(f"expected a glob such as '**/*.nii.gz' or a list of globs, found {found(v)}")
 
 
-class OutputSpec(_Model):
+class OutputSpec(ConfigModel):
     """``output:``: where converted files go."""
 
     root: Path
@@ -94,9 +94,9 @@ def _size(v: Any) -> Any:
             except ValueError:
                 pass
     if number is None:
-        raise ValueError(f"{expected}; found {_show(v)}")
+        raise ValueError(f"{expected}; found {show(v)}")
     if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{expected}, above 0; found {_show(v)}")
+        raise ValueError(f"{expected}, above 0; found {show(v)}")
     return number
 
 
@@ -112,7 +112,7 @@ def _convert_union():
     return Annotated[Union[tuple(models)], Field(discriminator="to")]
 
 
-class SlurmOptions(_Model):
+class SlurmOptions(ConfigModel):
     """``cluster.slurm``: how ``niconv submit`` writes its sbatch array scripts.
 
     Every field can be overridden on the command line (``--partition`` ...).
@@ -168,7 +168,7 @@ class SlurmOptions(_Model):
         return "\n".join(map(str, v)) if isinstance(v, list) else (v or "")
 
 
-class JobqueueOptions(_Model):
+class JobqueueOptions(ConfigModel):
     """``cluster.jobqueue``: Dask workers as SLURM jobs (``dask_jobqueue.SLURMCluster``).
 
     Used by ``backend: dask`` when no scheduler address is given; without this
@@ -192,14 +192,14 @@ class JobqueueOptions(_Model):
     _log_directory = field_validator("log_directory", mode="before")(resolve_path)
 
 
-class ClusterOptions(_Model):
+class ClusterOptions(ConfigModel):
     """The ``cluster:`` section of a config."""
 
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     jobqueue: Optional[JobqueueOptions] = None
 
 
-class Config(_Model):
+class Config(ConfigModel):
     """A validated run configuration (the fully resolved form is written to the run record)."""
 
     version: Literal[1] = 1
@@ -333,73 +333,4 @@ def validate(data: dict, base: str | os.PathLike = ".", where: str = "<config>")
         expanded) or contains itself, or any key is invalid.
     """
     _check_expansion(data, where)
-    try:
-        return Config.model_validate(data, context={"base": str(base)})
-    except ValidationError as exc:
-        problems = [_describe(err, data) for err in exc.errors()]
-        text = "\n".join(f"  {key}: {msg}" if key else f"  {msg}" for key, msg in problems)
-        raise ConfigError(where, f"{len(problems)} problem(s) in the config:\n{text}", problems) from exc
-
-
-def _key_path(loc: tuple) -> str:
-    parts: list[str] = []
-    for i, item in enumerate(loc):
-        # a discriminated union puts the tag ('numpy') into the location: not a key
-        if i == 1 and loc[0] == "convert" and item in converters.names():
-            continue
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
-
-
-def _describe(err: dict, data: dict) -> tuple[str, str]:
-    loc = tuple(err["loc"])
-    key = _key_path(loc)
-    kind = err["type"]
-    found = err.get("input")
-    if kind == "extra_forbidden":
-        name = str(loc[-1])
-        known = _known_keys(loc[:-1], data)
-        hint = difflib.get_close_matches(name, known, n=1)
-        tip = f"; did you mean '{hint[0]}'?" if hint else (f"; known keys: {', '.join(sorted(known))}" if known else "")
-        return key, f"unknown key '{name}'{tip}"
-    if kind == "missing":
-        return key, "required key is missing"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        names = converters.names()
-        tag = found.get("to") if isinstance(found, dict) else found
-        hint = difflib.get_close_matches(tag, names, n=1) if isinstance(tag, str) else []
-        tip = f"; did you mean '{hint[0]}'?" if hint else ""
-        return "convert.to", f"expected a converter name ({', '.join(names)}), found {_show(tag)}{tip}"
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    return key, f"{msg}; found {_show(found)}" if "found" not in msg else msg
-
-
-def _known_keys(loc: tuple, data: dict) -> list[str]:
-    if not loc:
-        return list(Config.model_fields)
-    if loc[0] == "convert" and len(loc) >= 2 and loc[1] in converters.names():
-        model = converters.get(loc[1]).options
-        if len(loc) == 2:
-            return list(model.model_fields)
-        return []
-    field = Config.model_fields.get(str(loc[0]))
-    ann = getattr(field, "annotation", None) if field else None
-    if isinstance(ann, type) and issubclass(ann, BaseModel) and len(loc) == 1:
-        return list(ann.model_fields)
-    return []
-
-
-# a value's repr for messages, with bounded work: a few items of each list, a few levels deep
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 5, 5, 5, 5, 5
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
-
-
-def _show(value: Any) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return validated(Config, data, where=where, context={"base": str(base)})

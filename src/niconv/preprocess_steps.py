@@ -20,7 +20,6 @@ integer dtype), its voxel-to-world ``affine`` (RAS+ mm) and the paired label map
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import json
 import math
@@ -29,20 +28,17 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 import numpy as np
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationInfo,
-                      create_model, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, Field, SerializeAsAny, ValidationInfo, create_model,
+                      field_validator, model_validator)
 
 from .ops import crop as crop_ops
 from .ops import intensity as iops
 from .ops import resample as rs
 from .ops.orientation import axcodes, reorient
+from .schema import ConfigModel, did_you_mean, found
 
 CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
 _AXIS_PAIRS = ("LR", "AP", "SI")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---------------------------------------------------------------- records passed between steps
@@ -138,7 +134,7 @@ class Step:
         return p
 
 
-class StepConfig(_Model):
+class StepConfig(ConfigModel):
     """One entry of ``steps:``, ``{name: options}``; a subclass per step is made by :func:`register`."""
 
     step: ClassVar[type[Step]]
@@ -147,6 +143,12 @@ class StepConfig(_Model):
     def options(self):
         """The step's validated options (the value beside its name)."""
         return getattr(self, self.step.name)
+
+    @classmethod
+    def field_for(cls, name: str):
+        """The declared field of the step called ``name`` (its options), for config messages."""
+        step = STEPS.get(name)
+        return None if step is None else step.config.model_fields[name]
 
 
 #: The registered steps, by name, in the order the README lists them.
@@ -185,11 +187,6 @@ def register(step: type[Step]) -> type[Step]:
     return step
 
 
-def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def step_name(item: Any) -> str | None:
     """The step name of one ``steps:`` entry as written (``{"resample": {...}}``, ``"reorient"``), or None."""
     if isinstance(item, StepConfig):
@@ -219,13 +216,12 @@ def validate_step(item: Any, info: ValidationInfo) -> StepConfig:
         item = {item: step.default}  # `- reorient` alone means its default
     names = ", ".join(STEPS)
     if isinstance(item, str):
-        raise ValueError(f"unknown step {item!r}{_hint(item, STEPS)}; expected one of {names}")
+        raise ValueError(f"expected one of {names}, found {item!r}{did_you_mean(item, STEPS)}")
     if not isinstance(item, dict) or len(item) != 1:
-        found = list(item) if isinstance(item, dict) else repr(item)
-        raise ValueError(f"expected a one-key mapping (one of {names}), found {found}")
+        raise ValueError(f"expected a mapping with one key, one of {names}, found {found(item)}")
     name, value = next(iter(item.items()))
     if name not in STEPS:
-        raise ValueError(f"unknown step {name!r}{_hint(name, STEPS)}; expected one of {names}")
+        raise ValueError(f"expected one of {names}, found {name!r}{did_you_mean(name, STEPS)}")
     step = STEPS[name]
     if _is_model(step.options) and not isinstance(value, (dict, step.options)):
         raise ValueError(f"expected {_form(step)}, found {name}: {value!r}")
@@ -238,12 +234,13 @@ def check_order(items) -> None:
     Raises
     ------
     ValueError
-        ``steps[i]: cast must be the last step (why)``.
+        ``cast must be the last step (why); found it at steps[i], followed by ...``.
     """
     names = [step_name(item) for item in items]
     for i, name in enumerate(names[:-1]):
         if name in STEPS and STEPS[name].last:
-            raise ValueError(f"steps[{i}]: {name} must be the last step ({STEPS[name].last})")
+            raise ValueError(f"{name} must be the last step ({STEPS[name].last}); found it at steps[{i}], "
+                             f"followed by {', '.join(n or '?' for n in names[i + 1:])}")
 
 
 #: The type of ``steps:`` entries in an options model: each is looked up in :data:`STEPS` when it
@@ -299,7 +296,7 @@ def _axis_codes(v):
 AxisCodes = Annotated[str, BeforeValidator(_axis_codes), Field(description="three axis codes")]
 
 
-class ResampleOptions(_Model):
+class ResampleOptions(ConfigModel):
     """``resample``: to a voxel ``spacing`` (mm, one or three numbers) or a ``shape``; spline ``order`` 0-5."""
 
     spacing: Optional[Three] = None
@@ -326,7 +323,7 @@ class ResampleOptions(_Model):
         return self
 
 
-class NormalizeOptions(_Model):
+class NormalizeOptions(ConfigModel):
     """``normalize``: ``method`` zscore | minmax | percentile | window, per channel."""
 
     method: Literal["zscore", "minmax", "percentile", "window"]
@@ -361,8 +358,8 @@ class NormalizeOptions(_Model):
                 if self.level is not None or self.width is not None:
                     raise ValueError("window: give a preset or level and width, not both")
                 if self.preset not in iops.CT_WINDOWS:
-                    raise ValueError(f"preset: unknown CT window {self.preset!r}{_hint(self.preset, iops.CT_WINDOWS)}; "
-                                     f"expected one of {', '.join(iops.CT_WINDOWS)}")
+                    raise ValueError(f"preset: unknown CT window {self.preset!r}; expected one of "
+                                     f"{', '.join(iops.CT_WINDOWS)}{did_you_mean(self.preset, iops.CT_WINDOWS)}")
             elif self.level is None or self.width is None:
                 raise ValueError("window: give a preset name or both level and width (HU)")
             elif not self.width > 0:
@@ -370,7 +367,7 @@ class NormalizeOptions(_Model):
         return self
 
 
-class ClipOptions(_Model):
+class ClipOptions(ConfigModel):
     """``clip``: to ``percentiles`` of the (masked) voxels, or to an absolute ``range``."""
 
     percentiles: Optional[Pair] = None
@@ -388,7 +385,7 @@ class ClipOptions(_Model):
         return self
 
 
-class CropPadOptions(_Model):
+class CropPadOptions(ConfigModel):
     """``crop_pad``: to a fixed spatial ``shape``, window at the ``center`` or on the ``foreground``."""
 
     shape: Shape3

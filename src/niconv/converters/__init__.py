@@ -64,7 +64,8 @@ class Converter:
     name : str
         The ``convert.to`` value.
     options : type
-        Pydantic model of the converter's options (the keys beside ``to``).
+        A :class:`niconv.schema.ConfigModel` of the converter's options (the keys
+        beside ``to``); its declared types give the config's error messages.
     output_name : callable
         ``output_name(stem, options) -> str``: the file (or folder) name written
         for an input whose name without image extensions is ``stem``.

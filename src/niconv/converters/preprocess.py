@@ -51,17 +51,18 @@ from typing import Literal, Optional, Union
 
 import nibabel as nib
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..codec import write_nifti_gz, write_npy, write_npz
 from ..log import fmt_shape
-from ..errors import ConfigError, InputError, NiconvError, OutputError, SkippedInput
+from ..errors import InputError, NiconvError, OutputError, SkippedInput
 from ..ops import intensity as iops
 from ..ops import resample as rs
 from ..ops.labels import label_map_warnings
 from ..ops.orientation import axcodes
 from ..paths import resolve_path
 from ..preprocess_steps import STEPS, Arrays, Grid, StepEntry, check_order
+from ..schema import ConfigModel, found, validated
 from ..volume import read_volume
 from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, show_patterns
@@ -69,11 +70,7 @@ from . import Conversion, Converter, check_pair_patterns, show_patterns
 _SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Options(_Model):
+class Options(ConfigModel):
     """Options of ``to: preprocess`` (the keys beside ``to`` in ``convert:``).
 
     Attributes
@@ -129,10 +126,15 @@ class Options(_Model):
             return ()
         if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
             raise ValueError(f"expected a list of steps, each a one-key mapping such as "
-                             f"{{resample: {{spacing: [1, 1, 1]}}}}, found {type(v).__name__}")
-        items = tuple(v)
-        check_order(items)
-        return items  # each entry is validated by its step (StepEntry)
+                             f"{{resample: {{spacing: [1, 1, 1]}}}}, found {found(v)}")
+        return tuple(v)  # each entry is validated by its step (StepEntry)
+
+    @field_validator("steps")
+    @classmethod
+    def _last_steps_last(cls, v):
+        # after every entry is valid, so a step out of place hides no other problem
+        check_order(v)
+        return v
 
     _labels = field_validator("labels")(lambda v: check_pair_patterns(v))
 
@@ -249,13 +251,8 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
         if format is None:
             raise OutputError(out, "cannot tell the output format: expected a name ending in "
                                    ".npz, .npy, .nii or .nii.gz (or pass format=)")
-    try:
-        options = Options(to="preprocess", steps=steps, layout=layout, format=format, nan=nan,
-                          compressed=compressed)
-    except ValidationError as exc:
-        errors = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
-        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors)
-        raise ConfigError(errors[0][0] if errors else "steps", text, errors) from None
+    options = validated(Options, dict(to="preprocess", steps=steps, layout=layout, format=format, nan=nan,
+                                      compressed=compressed))
     _preprocess(str(image_path), out, options, None if label_path is None else str(label_path))
     return out
 

@@ -41,15 +41,15 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, \
-    field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from ..errors import ConfigError, InputError, OutputError, UnsupportedInput
+from ..errors import InputError, OutputError, UnsupportedInput
 from ..manifest import Task
 from ..ops import planes as P
 from ..ops.labels import label_map_warnings
 from ..ops.window import DEFAULT_PERCENTILES, Window, apply_window, compute_window, \
     label_colors, label_to_uint, parse_window_spec
+from ..schema import ConfigModel, validated
 from ..volume import Volume, image_stem, read_volume
 from ..writers import atomic_output
 from . import Conversion, Converter
@@ -65,15 +65,14 @@ SHEET_GAP = 4
 
 _LABEL_INTENTS = ("label", "neuroname")
 
-class LevelWidth(BaseModel):
+class LevelWidth(ConfigModel):
     """A fixed window: ``level`` (centre) and ``width``, in the image's units (HU for CT)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     level: float
     width: float = Field(gt=0)
 
 
-class Options(BaseModel):
+class Options(ConfigModel):
     """Options of the ``slices`` converter (the keys beside ``to: slices``).
 
     Attributes
@@ -116,8 +115,6 @@ class Options(BaseModel):
     complex : {"magnitude", "phase"} or None
         How to show complex data; None makes complex inputs fail with a clear error.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     to: Literal["slices"] = "slices"
     planes: tuple[Plane, ...] = P.PLANES
@@ -250,21 +247,7 @@ def parse_options(raw: dict, where: str = "convert") -> Options:
     ConfigError
         Listing every invalid key as ``{where}.{key}``, what was expected and what was found.
     """
-    try:
-        return Options.model_validate(raw)
-    except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            key = ".".join([where, *(str(p) for p in err["loc"] if not _is_union_tag(p))])
-            found = f" (found {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            errors.append((key, f"{err['msg']}{found}"))
-        message = "; ".join(f"{k}: {m}" for k, m in errors)
-        raise ConfigError(errors[0][0], message, errors) from exc
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the union member tried (``tuple[float, float]``, ``LevelWidth``) into ``loc``
-    return isinstance(part, str) and (part in ("LevelWidth", "str") or part.startswith(("tuple[", "literal[", "function-")))
+    return validated(Options, raw, prefix=where)
 
 
 # --------------------------------------------------------------------------- the conversion

@@ -23,20 +23,20 @@ from typing import Literal, Optional, Union
 import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import HeaderDataError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .. import codec
 from ..paths import resolve_path
+from ..schema import ConfigModel, found
 from ..errors import InputError
 from ..log import fmt_dtype
 from ..volume import image_stem, load_image, read_array
 from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, seed_output, show_patterns
 
-class Options(BaseModel):
+class Options(ConfigModel):
     """Options of ``to: nifti``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     to: Literal["nifti"] = "nifti"
     affine: Optional[tuple[tuple[float, float, float, float], ...]] = Field(
         None, description="4x4 voxel-to-world (RAS+ mm) affine for every array")
@@ -52,14 +52,27 @@ class Options(BaseModel):
     _root = field_validator("reference_root", mode="before")(resolve_path)
     _reference = field_validator("reference")(lambda v: check_pair_patterns(v, placeholder_required=False))
 
+    @field_validator("affine", mode="before")
+    @classmethod
+    def _affine_shape(cls, v):
+        # one message for the whole matrix, not one per missing number
+        expected = "expected 4 rows of 4 numbers (a 4x4 affine)"
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in v):
+            raise ValueError(f"{expected}, found {found(v)}")
+        lengths = sorted({len(row) for row in v})
+        if len(v) != 4 or lengths != [4]:
+            each = " or ".join(map(str, lengths)) if lengths else "nothing"
+            raise ValueError(f"{expected}, found {len(v)} row{'' if len(v) == 1 else 's'} of {each}")
+        return v
+
     @field_validator("affine")
     @classmethod
     def _affine(cls, v):
         if v is None:
             return v
         arr = np.asarray(v, dtype=float)
-        if arr.shape != (4, 4):
-            raise ValueError(f"expected a 4x4 list of numbers, found shape {arr.shape}")
         if not np.all(np.isfinite(arr)) or not np.allclose(arr[3], [0, 0, 0, 1]):
             raise ValueError("expected finite numbers with last row [0, 0, 0, 1]")
         return v

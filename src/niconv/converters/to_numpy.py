@@ -22,18 +22,18 @@ import os
 from typing import Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .. import codec
 from ..log import fmt_dtype
+from ..schema import ConfigModel
 from ..volume import image_stem, read_volume
 from ..writers import atomic_output
 from . import Conversion, Converter, seed_output
 
-class Options(BaseModel):
+class Options(ConfigModel):
     """Options of ``to: numpy``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     to: Literal["numpy"] = "numpy"
     compressed: bool = Field(True, description="true: .npz (deflated zip, key 'data'); false: .npy")
     scaling: Literal["float32", "raw"] = Field(

@@ -29,11 +29,12 @@ a preset name
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+
+from ..schema import did_you_mean
 
 # Standard CT display windows, name -> (level, width) in Hounsfield units.
 # Values: Radiopaedia, "Windowing (CT)" (typical window width and level values);
@@ -124,9 +125,7 @@ def parse_window_spec(spec: Any) -> str | tuple[float, float] | dict:
         name = spec.strip().lower().replace("-", "_").replace(" ", "_")
         if name == "minmax" or name in CT_PRESETS:
             return name
-        close = difflib.get_close_matches(name, ["minmax", *CT_PRESETS], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"{expected}; found '{spec}'{hint}")
+        raise ValueError(f"{expected}; found '{spec}'{did_you_mean(name, ['minmax', *CT_PRESETS])}")
     if isinstance(spec, Mapping):
         keys = set(spec)
         if keys != {"level", "width"}:
