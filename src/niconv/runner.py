@@ -95,11 +95,12 @@ def output_problem(row: dict) -> str | None:
     or ``"differs"`` (its sha256 is not the recorded one; every file of an output folder is
     re-hashed); None if it matches."""
     from .worker import digest_outputs
+    from .writers import output_files
 
     out = Path(row["output_path"])
     if not out.exists():
         return "missing"
-    files = tuple(str(p) for p in sorted(out.rglob("*")) if p.is_file()) if out.is_dir() else (str(out),)
+    files = tuple(map(str, output_files(out))) if out.is_dir() else (str(out),)
     try:
         _, digest = digest_outputs(out, files)
     except OSError:
@@ -289,10 +290,13 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
         # workers write only under the real output root; temporary names carry the tree's token
         scope = WriteScope(os.path.realpath(config.output.root), token)
-        input_roots = [os.path.realpath(r) for r in config.input.root]
+        # trees niconv reads: an input root, or a folder of references or label maps, inside the output tree
+        read_roots = [os.path.realpath(r) for r in config.input.root] + [
+            os.path.realpath(root) for _, root, _ in converters.get(config.convert.to).pairs(config.convert).values()
+            if root is not None]
 
         def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
-            remove_stale_temps(scope, input_roots)
+            remove_stale_temps(scope, read_roots)
 
         logged = read_log(log_path)
         todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
