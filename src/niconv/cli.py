@@ -245,6 +245,7 @@ def cmd_init(args) -> int:
 
 def cmd_info(args) -> int:
     from .info import describe
+    from .text import first_line
 
     status = EXIT_OK
     for f in args.files:
@@ -254,7 +255,7 @@ def cmd_info(args) -> int:
             print(f"{f}: error: {exc.message}", file=sys.stderr, flush=True)
             status = EXIT_FAILED
         except Exception as exc:  # noqa: BLE001 - one file nibabel trips over costs only that file
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason given"
+            why = first_line(exc, empty="no reason given")
             print(f"{f}: error: cannot describe this file ({why})", file=sys.stderr, flush=True)
             status = EXIT_FAILED
     return status

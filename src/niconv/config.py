@@ -23,6 +23,7 @@ from .limits import usable_cpus
 from .manifest import TASKS_PER_SHARD
 from .paths import resolve_path
 from .schema import ConfigModel, found, show, validated
+from .text import first_line
 
 
 #: A config is a few kB; a larger file is not one (and parsing megabytes of YAML takes minutes).
@@ -263,7 +264,7 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
     except RecursionError as exc:
         raise ConfigError(str(p), "not a config: lists or mappings nested too deeply to read") from exc
     except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(str(p), f"not valid YAML: {str(exc).splitlines()[0][:200]}") from exc
+        raise ConfigError(str(p), f"not valid YAML: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(str(p), f"expected a mapping of keys (input, output, convert, ...), found {type(data).__name__}")
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}

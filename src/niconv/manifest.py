@@ -10,6 +10,7 @@ import hashlib
 import heapq
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,21 @@ def task_id(identity: dict, converter: str, options: dict) -> str:
         sort_keys=True, separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (an input's content identity, an output's digest).
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, converters, dispatch
+from . import __version__, codec, converters, dispatch
 from .config import Config
 from .dask_backend import dask_backend
 from .limits import available_memory, cap_jobs
@@ -175,11 +175,11 @@ def _uncompressed_bytes(task: Task) -> int:
     if path.lower().endswith(".gz"):
         try:
             size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                isize = int.from_bytes(f.read(4), "little")
         except OSError:
             return 0  # the task itself will report the problem
+        isize = codec.gzip_size(path)
+        if isize is None:
+            return 0
         # ISIZE is the size mod 4 GiB: below the compressed size it has wrapped
         while isize < size:
             isize += 2 ** 32

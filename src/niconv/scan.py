@@ -10,7 +10,6 @@ their own. Inputs matching ``input.label_maps`` are marked as label maps.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
@@ -20,7 +19,7 @@ from wcmatch import glob as wglob
 from . import converters
 from .config import Config
 from .errors import OutputError, ScanError
-from .manifest import Task, task_id
+from .manifest import Task, file_sha256, task_id
 from .paths import inside
 from .safety import check_plan, show_some
 from .volume import ARRAY_SUFFIXES, IMAGE_SUFFIXES, image_stem
@@ -245,14 +244,11 @@ def _identity(path: Path, how: str) -> dict:
     except OSError:
         return {"size": None, "mtime_ns": None}
     if how == "content" and path.is_file():
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            digest = file_sha256(path)
         except OSError:  # unreadable: its task fails with the reason; the scan goes on
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"size": st.st_size, "sha256": h.hexdigest()}
+        return {"size": st.st_size, "sha256": digest}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
