@@ -165,7 +165,7 @@ def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str,
     last = int(max(tags))
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            head = f.read(352)  # the DICM marker at 128; enough of other formats to name them
             preamble = head[128:132] == b"DICM"
             if not preamble and not _looks_like_dataset(head):
                 raise NotDicom(_not_dicom(head))
