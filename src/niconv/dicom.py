@@ -26,6 +26,7 @@ import re
 import shutil
 import string
 import subprocess
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -129,11 +130,11 @@ def check_template(template: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _tags(keywords: tuple[str, ...]) -> tuple:
-    """The tags of ``keywords`` (pydicom ``BaseTag``), with the character set that decodes their text."""
+    """``(keyword, tag)`` of each keyword (pydicom ``BaseTag``)."""
     from pydicom.datadict import tag_for_keyword
     from pydicom.tag import Tag
 
-    return tuple(Tag(tag_for_keyword(k)) for k in ("SpecificCharacterSet",) + keywords)
+    return tuple((k, Tag(tag_for_keyword(k))) for k in keywords)
 
 
 def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str, Any]:
@@ -150,8 +151,10 @@ def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str,
     -------
     dict
         Keyword -> value as plain Python (str, int, float, tuples for
-        multi-valued fields); absent or empty tags are left out. The key
-        ``_preamble`` is True when the file has the ``DICM`` marker.
+        multi-valued fields) of the keywords grouping needs; absent or empty
+        tags are left out. The others are read but decoded only by
+        :func:`complete_header` (once per series), kept until then under
+        ``_dataset``.
 
     Raises
     ------
@@ -162,28 +165,56 @@ def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str,
     from pydicom.filereader import read_partial
 
     tags = _tags(tuple(keywords))
-    last = int(max(tags))
+    wanted = [0x00080005] + [int(t) for _, t in tags]  # the character set decodes their text
+    last = max(wanted)
+    stop = lambda tag, vr, length: int.__lt__(last, tag)  # noqa: E731 - int's own compare: called per element
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
             head = f.read(352)  # the DICM marker at 128; enough of other formats to name them
             preamble = head[128:132] == b"DICM"
             if not preamble and not _looks_like_dataset(head):
                 raise NotDicom(_not_dicom(head))
             f.seek(0)
             try:
-                ds = read_partial(f, stop_when=lambda tag, vr, length: tag > last, force=True,
-                                  specific_tags=list(tags))
-                values = {k: _plain(ds[k].value) for k in keywords if k in ds and not ds[k].is_empty}
+                ds = read_partial(f, stop_when=stop, force=True, specific_tags=wanted)
+                # the values every file needs now; the others once per series (complete_header)
+                values = _values(ds, _tags(_GROUPING))
             except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers
                 if not preamble:
                     raise NotDicom(_not_dicom(head)) from exc
                 raise NotDicom(f"a DICOM file whose header cannot be read (truncated or damaged: "
                                f"{_first_line(exc)})") from exc
+            cut = next((str(w.message) for w in said if "End of file" in str(w.message)), None)
+            if cut and preamble:  # pydicom warns, and stops, at a header cut short
+                raise NotDicom(f"a DICOM file whose header is cut short ({cut.split(' in file ')[0]})")
     except OSError as exc:
         raise NotDicom(f"cannot read: {exc.strerror or exc}") from exc
     if not preamble and "SOPClassUID" not in values and "SeriesInstanceUID" not in values:
         raise NotDicom(_not_dicom(head))
-    values["_preamble"] = preamble
+    values["_dataset"] = (ds, tags)
+    return values
+
+
+def complete_header(header: dict) -> dict:
+    """A header of :func:`read_header` with every keyword it was asked for, not only those grouping needs."""
+    if "_dataset" not in header:
+        return header
+    ds, tags = header["_dataset"]
+    try:
+        values = _values(ds, tags)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot decode is left out, as an absent one
+        values = {}
+    return {**values, **{k: v for k, v in header.items() if k != "_dataset"}}
+
+
+def _values(ds, tags) -> dict:
+    values = {}
+    for keyword, tag in tags:
+        if tag in ds:
+            elem = ds[tag]
+            if not elem.is_empty:
+                values[keyword] = _plain(elem.value)
     return values
 
 
@@ -301,6 +332,8 @@ def group(files: Iterable[tuple[Path, str, dict | NotDicom]], identifying: bool)
 def _found(uid: str, members: list, identifying: bool) -> Found:
     root = members[0][0]
     rels = [rel for r, rel, _ in members if r == root]
+    first_image = next((i for i, (_, _, h) in enumerate(members) if "Rows" in h), 0)
+    members[first_image] = (*members[first_image][:2], complete_header(members[first_image][2]))
     folder = os.path.commonpath([str(PurePosixPath(rel).parent) for rel in rels]) if rels else ""
     folder = "" if folder == "." else folder
     first = next((h for _, _, h in members if "Rows" in h), members[0][2])
