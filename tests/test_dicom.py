@@ -353,7 +353,7 @@ def test_each_broken_series_fails_alone_in_words_and_the_rest_converts(philips, 
     assert "File not large enough to store image data" in msg["truncated"]
     assert msg["missing_slice"].startswith(f"{inputs / 'missing_slice'}: series 201 MR 'EPI_asc', 26 files: dcm2niix ")
     assert "missing images" in msg["missing_slice"]
-    assert msg["fake"] == (f"{inputs / 'fake'}: series ? ? '', 1 file: not a DICOM file: no DICM marker at byte 128 "
+    assert msg["fake"] == (f"{inputs / 'fake'}: file fake/scan.dcm: not a DICOM file: no DICM marker at byte 128 "
                            "and no DICOM data elements at its start (it is a NIfTI image)")
     assert msg["mixed"] == (f"{inputs / 'mixed'}: series 401 MR 'anat-T1w', 25 files: mixed image sizes in one "
                             "series: 1 file(s) of 64x64 (e.g. mixed/odd.dcm); 24 file(s) of 384x274 (e.g. "
@@ -411,3 +411,21 @@ def test_a_stale_temporary_folder_is_removed_and_a_live_ones_kept(slab, tmp_path
     assert niconv("run", cfg, "--quiet").returncode == 0
     assert not stale.exists() and kept.exists() and foreign.exists()
     assert len(list((tmp_path / "in" / "t1").iterdir())) == 24
+
+
+def test_a_file_whose_header_is_cut_short_fails_alone_and_its_series_says_what_is_missing(
+        philips, tmp_path, frozen_inputs):
+    files = copy_series(philips, tmp_path / "in" / "epi")
+    with open(files[4], "r+b") as f:
+        f.truncate(600)  # inside the header: its series cannot even be read from it
+    frozen_inputs(tmp_path / "in")
+    run = niconv("run", config(tmp_path), "--quiet")
+    assert run.returncode == 1 and run.stderr == ""  # pydicom's warning is in the row, not on the terminal
+    rows = rows_of(tmp_path / "out" / "niconv_log.csv")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"failed"}
+    cut = next(r for r in rows if "SeriesInstanceUID" in r["error_message"])
+    assert cut["error_message"] == (f"{tmp_path / 'in' / 'epi'}: file epi/{files[4].name}: a DICOM file without a "
+                                    "SeriesInstanceUID (0020,000E), which every DICOM object has: its header is cut "
+                                    "short or damaged, so its series is unknown")
+    rest = next(r for r in rows if "26 files" in r["error_message"])
+    assert "missing images" in rest["error_message"]

@@ -321,9 +321,12 @@ def group(files: Iterable[tuple[Path, str, dict | NotDicom]], identifying: bool)
     for root, rel, header in files:
         if isinstance(header, NotDicom):
             by_uid[f"file:{root / rel}"].append((root, rel, {"_problem": str(header)}))
+        elif not header.get("SeriesInstanceUID"):  # required of every DICOM object: the header stops short
+            problem = ("a DICOM file without a SeriesInstanceUID (0020,000E), which every DICOM object has: "
+                       "its header is cut short or damaged, so its series is unknown")
+            by_uid[f"file:{root / rel}"].append((root, rel, {"_problem": problem}))
         else:
-            # a file without a SeriesInstanceUID is a series of its own
-            by_uid[str(header.get("SeriesInstanceUID") or f"file:{root / rel}")].append((root, rel, header))
+            by_uid[str(header["SeriesInstanceUID"])].append((root, rel, header))
     found = [_found(uid, sorted(members, key=lambda m: (str(m[0]), m[1])), identifying)
              for uid, members in by_uid.items()]
     return sorted(found, key=lambda f: (str(f.files[0][0]), f.files[0][1]))
@@ -343,10 +346,15 @@ def _found(uid: str, members: list, identifying: bool) -> Found:
     label = (f"series {number if number is not None else '?'} {first.get('Modality', '?')} "
              f"'{first.get('SeriesDescription', '')}', {len(members)} file{'s' if len(members) != 1 else ''}")
     problem = members[0][2].get("_problem", "") if len(members) == 1 else ""
+    if problem:  # a file whose series is unknown: named by its path
+        label = f"file {members[0][1]}"
     skip = ""
     if not problem and not images:
-        sop = first.get("SOPClassUID")
-        skip = f"not an image: {_sop_name(sop)}; niconv converts image series"
+        sop = _sop_name(first.get("SOPClassUID"))
+        if "Image Storage" in sop:  # an image class without an image size: the header stops short
+            problem = f"{sop} without Rows and Columns (0028,0010-0011): the header is cut short or damaged"
+        else:
+            skip = f"not an image: {sop}; niconv converts image series"
     sizes = sorted({(h["Rows"], h.get("Columns")) for h in images})
     if not problem and len(sizes) > 1:
         counts = {s: [rel for _, rel, h in members if (h.get("Rows"), h.get("Columns")) == s] for s in sizes}
