@@ -4,7 +4,8 @@
 The tree is made from the real series of the project's test data (the 27-file
 Philips EPI and the 24-file 7T slab), each copied ``--series`` times under new
 Series/SOP Instance UIDs with pydicom, one folder per series (by default 80
-series, 2,148 files). Measured on it, interleaved round by round (each round
+series, 2,148 files, mostly the small EPI: the scan weighs most; ``--slab-every 1``
+gives slabs only, larger images per file). Measured on it, interleaved round by round (each round
 starts one method later in the order, outputs deleted before each run):
 
   loop      ``for d in TREE/*/; do dcm2niix -z y -b y -ba y -f %s_%d -o OUT/$d $d; done``
@@ -17,8 +18,9 @@ starts one method later in the order, outputs deleted before each run):
             beside it dcm2niix's own search of the tree (``-q l``: lists the DICOM
             files, no grouping, no conversion)
 
-For each: the median wall time over ``--repeat`` rounds, series/s and files/s, and
-the throughput relative to the loop. The machine may be shared: only the ratios of
+For each: the median wall time over ``--repeat`` rounds, series/s and files/s, the
+throughput relative to the loop, and the size of the images written (dcm2niix
+compresses at zlib level 6 by itself; niconv at its default deflate level, ISA-L 2). The machine may be shared: only the ratios of
 interleaved runs compare methods fairly.
 
 Example
@@ -40,8 +42,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = (DATA / "cohort" / "dicom_philips_epi", DATA / "extra" / "dicom_7T_T1_slab")
 
 
-def make_tree(tree: Path, series: int) -> int:
-    """``series`` copies of the real series (mostly the small EPI, every 20th the slab) under new UIDs."""
+def make_tree(tree: Path, series: int, slab_every: int = 20) -> int:
+    """``series`` copies of the real series (the small EPI, every ``slab_every``-th the slab) under new UIDs."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -50,7 +52,7 @@ def make_tree(tree: Path, series: int) -> int:
     sources = {src: [pydicom.dcmread(f) for f in sorted(src.iterdir())] for src in SOURCES}
     count = 0
     for i in range(series):
-        src = SOURCES[1] if i % 20 == 19 else SOURCES[0]
+        src = SOURCES[1] if i % slab_every == slab_every - 1 else SOURCES[0]
         folder = tree / f"series{i:03d}"
         folder.mkdir(parents=True)
         uid = generate_uid(entropy_srcs=["bench", str(i)])
@@ -109,11 +111,14 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/niconv_bench_dicom", type=Path)
     ap.add_argument("--series", type=int, default=80)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--slab-every", type=int, default=20,
+                    help="every Nth series is the 7T slab (24 files of 384x274), the others the EPI (27 of 64x64); "
+                         "1: slabs only")
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     tree = work / "tree"
-    files = make_tree(tree, args.series)
+    files = make_tree(tree, args.series, args.slab_every)
     print(f"tree: {args.series} series, {files} files, {sum(f.stat().st_size for f in tree.rglob('*')) / 1e6:.1f} MB "
           f"({tree}); pigz {'found' if shutil.which('pigz') else 'not installed: dcm2niix -z y compresses itself'}")
     configs = {}
@@ -136,11 +141,12 @@ def main() -> None:
     ours, theirs = scan_rate(configs[1], files, max(3, args.repeat))
     loop = statistics.median(times["loop"])
     print()
-    print("| method | median s | series/s | files/s | throughput vs loop |")
-    print("|---|---:|---:|---:|---:|")
+    print("| method | median s | series/s | files/s | throughput vs loop | output .nii.gz MB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for m in methods:
         t = statistics.median(times[m])
-        print(f"| {m} | {t:.2f} | {args.series / t:.1f} | {files / t:.0f} | {loop / t:.2f}x |")
+        size = sum(f.stat().st_size for f in outs[m].rglob("*.nii.gz")) / 1e6
+        print(f"| {m} | {t:.2f} | {args.series / t:.1f} | {files / t:.0f} | {loop / t:.2f}x | {size:.1f} |")
     print(f"\nscan (niconv.scan.build_manifest: headers read, grouped, tasks made): {ours:.0f} files/s; "
           f"dcm2niix's own search (-q l, no grouping): {theirs:.0f} files/s")
 
