@@ -195,6 +195,18 @@ def test_other_converters_read_the_series_as_they_read_its_nifti(philips, cohort
     assert no_temporaries(tmp_path / "out")
 
 
+def test_a_series_is_not_paired_with_a_label_map(philips, cohort, tmp_path, frozen_inputs):
+    copy_series(philips, tmp_path / "in" / "epi")
+    shutil.copy(cohort / "dipy_aniso_vox.nii.gz", tmp_path / "in" / "plain.nii.gz")
+    frozen_inputs(tmp_path / "in")
+    run = niconv("run", config(tmp_path, "preprocess", options=", steps: [reorient], labels: '{stem}_seg.nii.gz'"),
+                 "--quiet")
+    rows = {Path(r["input_path"]).name: r for r in rows_of(tmp_path / "out" / "niconv_log.csv")}
+    assert rows["plain.nii.gz"]["status"] == "failed" and "label map not found" in rows["plain.nii.gz"]["error_message"]
+    assert rows["epi"]["status"] == "ok" and "label" not in details(rows["epi"])
+    assert run.returncode == 1
+
+
 def test_a_split_series_gives_every_output_named_and_listed(slab, tmp_path, frozen_inputs):
     uid = generate_uid(entropy_srcs=["two echoes"])
     for echo, te in ((1, 2.0), (2, 5.0)):

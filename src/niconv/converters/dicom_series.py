@@ -61,18 +61,20 @@ def convert_series(task, conv: Converter) -> Conversion:
     if series.problem:
         raise InputError(task.input_path, f"{series.label}: {series.problem}")
     main = Path(task.output_path)
+    # a series is not paired with a label map (a pairing pattern names files, not series)
+    options = task.options.model_copy(update={"labels": None}) if getattr(task.options, "labels", None) else task.options
     parts = []
     with temp_folder(main.parent, "dicom") as folder:
         made = dicom.run_engine(series, folder, task.input_path)
         for vol in made.volumes:
-            target = main.parent / conv.output_name(series.stem + vol.postfix, task.options)
+            target = main.parent / conv.output_name(series.stem + vol.postfix, options)
             if conv.name == "nifti":
-                parts.append((target, _keep_nifti(vol, target, task.options)))
+                parts.append((target, _keep_nifti(vol, target, options)))
                 continue
             sub = dataclasses.replace(task, input_path=vol.nifti, rel_path=Path(vol.nifti).name,
-                                      output_path=str(target), pairs=(), series=None)
+                                      output_path=str(target), options=options, pairs=(), series=None)
             try:
-                parts.append((target, conv.convert(sub, task.options)))
+                parts.append((target, conv.convert(sub, options)))
             except NiconvError as exc:  # name the series, not dcm2niix's file in the temporary folder
                 raise type(exc)(task.input_path, f"{series.label}: {exc.message.replace(vol.nifti, 'its image')}") from exc
     return _merged(task, made, parts)
