@@ -219,6 +219,15 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
     )
 
 
+def output_paths(task) -> tuple[str, ...]:
+    """The output; for a DICOM series also its JSON sidecar beside it (``<name>.json``)."""
+    if task.series is None:
+        return (task.output_path,)
+    out = Path(task.output_path)
+    stem = out.name[: -len(".nii.gz")] if out.name.lower().endswith(".nii.gz") else out.stem
+    return (task.output_path, str(out.with_name(stem + ".json")))
+
+
 def convert(task, options: Options) -> Conversion:
     return write_nifti(task.input_path, task.output_path, options, task.pair("reference"), task.label_map)
 
@@ -275,4 +284,5 @@ CONVERTER = Converter(
     pairs=pairs,
     memory_factor=2.0,
     inputs="array",
+    output_paths=output_paths,
 )
