@@ -20,7 +20,7 @@ import nibabel as nib
 
 from .. import codec, dicom
 from ..errors import InputError, NiconvError, SkippedInput
-from ..log import fmt_dtype, fmt_shape
+from ..log import fmt_dtype
 from ..writers import atomic_output, temp_folder
 from . import Conversion, Converter
 
@@ -137,6 +137,6 @@ def _merged(task, made: dicom.Engined, parts: list[tuple[Path, Conversion]]) -> 
     if len(parts) == 1:
         details = {**main.details, **details}
     else:
-        details["volumes"] = [{"output": os.path.relpath(target, folder), "shape": fmt_shape(c.output_shape),
+        details["volumes"] = [{"output": os.path.relpath(target, folder), "shape": list(c.output_shape),
                                **c.details} for target, c in parts]
     return dataclasses.replace(main, outputs=tuple(outputs), details=details)
