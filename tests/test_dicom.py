@@ -185,7 +185,8 @@ def test_other_converters_read_the_series_as_they_read_its_nifti(philips, cohort
     plain = next(r for r in rows if r["input_path"] == str(tmp_path / "in" / "ref.nii"))
     assert series["status"] == plain["status"] == "ok"
     if to == "slices":  # a folder of images named after the output: the same images in the same order
-        digests = [[sha256(f) for f in sorted(Path(r["output_path"]).rglob("*")) if f.is_file()]
+        digests = [[sha256(f) for f in sorted(Path(r["output_path"]).rglob("*"))
+                    if f.is_file() and not f.name.startswith(".niconv-")]  # the folder's record names its images
                    for r in (series, plain)]
         assert digests[0] == digests[1] and len(digests[0]) >= 9
     else:

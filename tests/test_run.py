@@ -159,6 +159,8 @@ def test_output_collision_is_reported_before_any_work(cohort, tmp_path):
     proc = niconv("run", cfg)
     assert proc.returncode == 2
     assert "would be written by more than one input" in proc.stderr and "a.npz" in proc.stderr
+    # mirror is already the layout: the advice is what helps
+    assert "use output.layout: mirror" not in proc.stderr and "exclude all but one" in proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.npz"))
 
 

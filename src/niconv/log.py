@@ -187,7 +187,8 @@ def read_log(path: str | os.PathLike) -> LogContents:
     LogContents
     """
     try:
-        text = Path(path).read_bytes().decode(ENCODING, ERRORS)
+        # a spreadsheet program saving the log may put a byte-order mark before the header
+        text = Path(path).read_bytes().decode(ENCODING, ERRORS).removeprefix("\ufeff")
     except FileNotFoundError:
         return LogContents()
     *lines, cut = text.split("\n")

@@ -130,7 +130,8 @@ def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:
     Tasks are assigned greedily, largest first, to the shard with the fewest
     bytes so far (ties: lowest shard number, then manifest order). Deterministic:
     every shard computes the same split. O(n log n), so a thousand shards of a
-    large manifest cost one pass, not one pass per shard.
+    large manifest cost one pass, not one pass per shard, and a shard count far
+    above the task count allocates nothing per shard (those shards are empty).
 
     Raises
     ------
@@ -139,7 +140,9 @@ def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:
     """
     if count < 1:
         raise ValueError(f"shard count {count}: expected N >= 1")
-    heap = [(0, s) for s in range(count)]  # (bytes so far, shard): pops the lightest, lowest number on ties
+    # (bytes so far, shard): pops the lightest, lowest number on ties. Shards past the task count
+    # would never be popped before an empty lower one, so they are left out: N costs nothing
+    heap = [(0, s) for s in range(min(count, len(tasks)))]
     owner = [0] * len(tasks)
     for i in sorted(range(len(tasks)), key=lambda i: (-tasks[i].bytes_in, i)):
         load, s = heapq.heappop(heap)

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import converters
 from .log import COLUMNS, latest_by_task, open_log, read_log
 from .manifest import Task, shard_owners
-from .writers import TEMP_PREFIX, atomic_output
+from .writers import atomic_output, output_files
 
 # Latest statuses of a finished task (nothing left to do for it).
 DONE = ("ok", "skipped")
@@ -122,7 +122,7 @@ def listed_outputs(row: dict, task: Task | None = None) -> tuple[str, ...] | Non
 
 def _size(path: Path) -> int:
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+        return sum(p.stat().st_size for p in output_files(path))
     return path.stat().st_size
 
 

@@ -95,14 +95,14 @@ def output_problem(row: dict) -> str | None:
     or ``"differs"`` (its sha256 is not the recorded one; every file of an output folder, and
     every output a row lists, is re-hashed); None if it matches."""
     from .worker import digest_outputs
+    from .writers import output_files
 
     out = Path(row["output_path"])
     listed = listed_outputs(row)
     entries = [Path(p) for p in listed] if listed is not None else [out]
     if not all(p.exists() for p in entries):
         return "missing"
-    files = tuple(str(f) for p in entries
-                  for f in ((q for q in sorted(p.rglob("*")) if q.is_file()) if p.is_dir() else (p,)))
+    files = tuple(str(f) for p in entries for f in (output_files(p) if p.is_dir() else (p,)))
     try:
         _, digest = digest_outputs(out, files)
     except OSError:
@@ -292,10 +292,13 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
         # workers write only under the real output root; temporary names carry the tree's token
         scope = WriteScope(os.path.realpath(config.output.root), token)
-        input_roots = [os.path.realpath(r) for r in config.input.root]
+        # trees niconv reads: an input root, or a folder of references or label maps, inside the output tree
+        read_roots = [os.path.realpath(r) for r in config.input.root] + [
+            os.path.realpath(root) for _, root, _ in converters.get(config.convert.to).pairs(config.convert).values()
+            if root is not None]
 
         def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
-            remove_stale_temps(scope, input_roots)
+            remove_stale_temps(scope, read_roots)
 
         logged = read_log(log_path)
         todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)

@@ -142,8 +142,12 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     clashes = {out: srcs for out, srcs in owners.items() if len(srcs) > 1}
     if clashes:
         lines = [f"{out} <- {', '.join(srcs)}" for out, srcs in sorted(clashes.items())]
+        fix = ("use output.layout: mirror, or exclude all but one of them with input.exclude"
+               if config.output.layout == "flat" else
+               "their names differ only in the extension, or several input roots hold the same relative path: "
+               "exclude all but one of them with input.exclude, or convert the roots with separate configs")
         raise ScanError("output", f"{len(clashes)} output(s) would be written by more than one input "
-                                  f"(use output.layout: mirror, or exclude one of them):\n  " + "\n  ".join(lines))
+                                  f"({fix}):\n  " + "\n  ".join(lines))
     tasks = tuple(tasks)
     check_plan(config, tasks, sources, scanned)
     return tasks

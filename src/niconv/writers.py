@@ -24,10 +24,12 @@ import contextlib
 import contextvars
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +41,45 @@ from .paths import within
 from .processes import alive
 
 TEMP_PREFIX = ".niconv-tmp-"
+# niconv's own files inside an output folder (temporary files, a folder's record): not outputs
+OWN_PREFIX = ".niconv-"
+# in an output folder of many files (slices): the names of the files niconv wrote there
+FOLDER_RECORD = ".niconv-outputs.json"
+
+
+def write_folder_record(folder: str | os.PathLike, files: Iterable[str]) -> None:
+    """Record, atomically, the files a task wrote into its output folder (names relative to it).
+
+    The record is the proof that a file there is niconv's: a rerun removes only
+    recorded files it no longer writes, and resume and ``verify`` look only at
+    recorded files, so a file someone else puts in the folder is never touched
+    and never makes the output look changed.
+    """
+    names = sorted(os.path.relpath(f, folder) for f in files)
+    with atomic_output(Path(folder) / FOLDER_RECORD) as tmp:
+        # json escapes the surrogates of undecodable name bytes: written and read back unchanged
+        Path(tmp).write_text(json.dumps({"files": names}, indent=0) + "\n", encoding="utf-8")
+
+
+def recorded_outputs(folder: str | os.PathLike) -> list[str] | None:
+    """The names in an output folder's record; None when it has no readable record."""
+    try:
+        names = json.loads((Path(folder) / FOLDER_RECORD).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def output_files(folder: str | os.PathLike) -> list[Path]:
+    """The output files of an output folder, sorted: those its record lists (missing ones included).
+
+    A folder without a record (written by an older niconv): every file under
+    it, niconv's own files (``.niconv-*``) left out.
+    """
+    names = recorded_outputs(folder)
+    if names is not None:
+        return [Path(folder) / n for n in names]
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(OWN_PREFIX))
 
 # A temporary file of another host cannot be checked for a live writer; no single
 # output takes this long to write, so one older than this is a crash leftover.
@@ -232,6 +273,49 @@ def temp_folder(parent: str | os.PathLike, what: str) -> Iterator[str]:
         _writing_folders.discard(path)
 
 
+def open_own(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """Open one of niconv's own bookkeeping files (a lock file) for writing, never through a link.
+
+    niconv makes these files itself, as regular files with one name; a symbolic
+    link, a second hard link, a folder or a FIFO at that name was put there by
+    someone else, and writing through it could change any file, an input
+    included. ``O_NOFOLLOW`` refuses a symbolic link in the last component;
+    ``O_NONBLOCK`` keeps a FIFO from blocking the open.
+
+    Returns
+    -------
+    int
+        An open descriptor (``flags`` plus ``O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC``).
+
+    Raises
+    ------
+    OutputError
+        If the name is a symbolic link, a hard link (more than one name), or not
+        a regular file, naming what was found; or it cannot be opened.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | nofollow, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            found = f"a symbolic link to {os.readlink(path)}" if os.path.islink(path) else "a symbolic link"
+            raise OutputError(str(path), _not_own(found)) from exc
+        raise
+    st = os.fstat(fd)
+    found = (None if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1
+             else f"a file with {st.st_nlink} names (a hard link)" if stat.S_ISREG(st.st_mode)
+             else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file (not a regular file)")
+    if found:
+        os.close(fd)
+        raise OutputError(str(path), _not_own(found))
+    return fd
+
+
+def _not_own(found: str) -> str:
+    return (f"expected niconv's own file (a regular file with one name), found {found}; niconv never writes "
+            f"through a link, which could change another file: remove it and run again")
+
+
 def remove_own_temps() -> None:
     """Remove the temporary files and folders this process is writing, just before it ends abruptly.
 
@@ -291,8 +375,9 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
         The output tree (its real root, searched recursively; a missing folder
         is fine) and its token.
     skip : iterable of str
-        Folders left alone with everything below them: the real input roots,
-        where one lies inside the output tree.
+        Folders left alone with everything below them: the real input roots and
+        the folders of paired files (``reference_root``, ``labels_root``), where
+        one lies inside the output tree.
 
     Returns
     -------

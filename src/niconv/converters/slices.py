@@ -51,7 +51,7 @@ from ..ops.window import DEFAULT_PERCENTILES, Window, apply_window, compute_wind
     label_colors, label_to_uint, parse_window_spec
 from ..schema import ConfigModel, validated
 from ..volume import Volume, image_stem, read_volume
-from ..writers import atomic_output
+from ..writers import atomic_output, recorded_outputs, write_folder_record
 from . import Conversion, Converter
 
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -355,8 +355,9 @@ def convert(task: Task, options: Options) -> Conversion:
             _write_sheet([sheet_tiles.get(p, []) for p in opts.planes], path, opts)
             written.append(str(path))
             sheets += 1
-    removed = _remove_stale(out_dir, stem, set(written))
     images = len(written) - sheets
+    removed = _remove_stale(out_dir, stem, set(written))
+    write_folder_record(out_dir, written)
     details = {
         "images": images,
         "contact_sheets": sheets,
@@ -565,22 +566,23 @@ def _write_image(img: Image.Image, path: Path, opts: Options) -> None:
 def _remove_stale(out_dir: Path, stem: str, keep: set[str]) -> int:
     """Delete images this converter wrote for ``stem`` in an earlier run but not in this one.
 
-    Only names matching :func:`pattern` are touched, so a rerun with fewer
-    slices or another format leaves no stale slices behind.
+    Proof that a file is ours: the earlier run listed it in the folder's record
+    (:func:`niconv.writers.write_folder_record`) and its name matches
+    :func:`pattern`. A rerun with fewer slices or another format leaves no
+    stale slices behind, and a file someone else put in the folder survives,
+    whatever its name.
     """
     regex = pattern(stem)
     removed = 0
-    try:
-        entries = list(os.scandir(out_dir))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        if regex.fullmatch(entry.name) and str(out_dir / entry.name) not in keep and entry.is_file():
-            try:
-                os.unlink(entry.path)
-            except OSError as exc:
-                raise OutputError(entry.path, f"cannot remove a stale image of an earlier run: {exc.strerror}") from exc
-            removed += 1
+    for name in recorded_outputs(out_dir) or ():  # no record (an older niconv's folder): nothing proven ours
+        path = out_dir / name
+        if not regex.fullmatch(name) or str(path) in keep or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise OutputError(str(path), f"cannot remove a stale image of an earlier run: {exc.strerror}") from exc
+        removed += 1
     return removed
 
 

@@ -1,5 +1,10 @@
 """``nifti``: ``.npy``/``.npz`` -> ``.nii.gz`` with an affine, a reference image's geometry, or identity.
 
+Geometry, first that applies: ``reference`` (affine and header copied);
+``affine`` from the config; the ``.npz``'s own ``affine`` member (written by
+``to: numpy`` with ``geometry: true`` and by ``to: preprocess``), so a round
+trip keeps its place in space; else the identity.
+
 With a reference image, its affine **and header** are copied: qform/sform and
 their codes, xyzt_units, pixdim (TR in pixdim[4]), descrip, intent, header
 extensions. The array's own dtype is what gets stored (the header's datatype
@@ -202,7 +207,10 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         raise InputError(input_path, f"no reference image matching {show_patterns(options.reference)} was found"
                                      + (f" in {options.reference_root}" if options.reference_root else " beside it"))
     data = np.asanyarray(read_array(input_path, options.key))
-    img = array_to_image(data, options.affine, reference, where=input_path)
+    affine = options.affine
+    if affine is None and reference is None:
+        affine = stored_affine(input_path, options.key)
+    img = array_to_image(data, affine, reference, where=input_path)
     if label_map:
         img.header.set_intent("label")
     with atomic_output(output_file) as tmp:
@@ -215,7 +223,9 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         output_dtype=fmt_dtype(img.get_data_dtype()),
         zooms=tuple(float(z) for z in img.header.get_zooms()),
         axcodes="".join(c or "?" for c in nib.aff2axcodes(img.affine)),
-        details={**({"reference": reference} if reference else {}), **({"label_map": True} if label_map else {})},
+        details={**({"reference": reference} if reference else {}),
+                 **({"affine": "from the array file"} if affine is not None and options.affine is None else {}),
+                 **({"label_map": True} if label_map else {})},
     )
 
 
@@ -226,6 +236,30 @@ def output_paths(task) -> tuple[str, ...]:
     out = Path(task.output_path)
     stem = out.name[: -len(".nii.gz")] if out.name.lower().endswith(".nii.gz") else out.stem
     return (task.output_path, str(out.with_name(stem + ".json")))
+
+
+def stored_affine(path: str, key: str | None = None) -> np.ndarray | None:
+    """The ``(4, 4)`` member ``affine`` of a ``.npz`` (voxel -> RAS+ mm), or None when it has none.
+
+    ``None`` too for a ``.npy`` and when ``key`` names the affine itself.
+
+    Raises
+    ------
+    InputError
+        If the member exists but is not a 4x4 affine (finite, last row ``[0, 0, 0, 1]``).
+    """
+    if Path(path).suffix.lower() != ".npz" or key == "affine":
+        return None
+    with np.load(path, allow_pickle=False) as archive:
+        if "affine" not in archive.files:
+            return None
+    affine = np.asarray(read_array(path, "affine"))
+    if (affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.all(np.isfinite(affine))
+            or not np.allclose(affine[3], [0, 0, 0, 1])):
+        raise InputError(path, f"the member 'affine' is not a 4x4 voxel-to-world affine (expected finite numbers "
+                               f"with last row [0, 0, 0, 1], found shape {affine.shape}, dtype {affine.dtype}); "
+                               f"give 'affine' or 'reference' in the config to override it")
+    return affine
 
 
 def convert(task, options: Options) -> Conversion:
@@ -247,7 +281,8 @@ def numpy_to_nifti(npy_path, output_path, affine=None, reference_nifti=None, deb
     reference_nifti : str or path-like, optional
         Image whose affine and header are copied (qform/sform codes,
         xyzt_units, pixdim[4] / TR, descrip survive); overrides ``affine``.
-        Neither given: identity affine.
+        Neither given: the ``.npz``'s own ``affine`` member when it has one
+        (as ``nifti_to_numpy`` and ``to: preprocess`` write it), else identity.
     debug : bool
         Log the written path through the ``niconv`` logger.
 
