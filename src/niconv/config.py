@@ -74,8 +74,28 @@ class OutputSpec(ConfigModel):
 
     root: Path
     layout: Literal["mirror", "flat"] = "mirror"
+    name: Optional[str] = Field(
+        None, description="output name of each DICOM series, a template of DICOM keywords such as "
+                          "'sub-{PatientID}/{SeriesNumber:03d}_{SeriesDescription}' (also {series_id}, {folder}); "
+                          "default '{folder}/{SeriesNumber:03d}_{SeriesDescription}_{series_id}' "
+                          "(without {folder}/ for layout: flat)")
 
     _root = field_validator("root", mode="before")(_required_path)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        from .dicom import check_template
+
+        return None if v is None else check_template(v)
+
+
+class DicomOptions(ConfigModel):
+    """``dicom:``: what DICOM series put into the log."""
+
+    metadata: Literal["basic", "identifying"] = Field(
+        "basic", description="basic: series-level fields only (modality, description, echo times, ...); "
+                             "identifying: also patient name, IDs, birth date, study date and institution")
 
 
 def _size(v: Any) -> Any:
@@ -217,6 +237,7 @@ class Config(ConfigModel):
     scheduler: Optional[str] = Field(None, description="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
     cluster: ClusterOptions = Field(default_factory=ClusterOptions,
                                     description="cluster runs: SLURM arrays (slurm), Dask workers as SLURM jobs (jobqueue)")
+    dicom: DicomOptions = Field(default_factory=DicomOptions, description="DICOM series: what goes into the log")
     source: Optional[Path] = Field(None, description="the config file (set by load_config)")
 
     _log = field_validator("log", mode="before")(resolve_path)

@@ -238,7 +238,7 @@ def skip_reason(path: str | os.PathLike) -> str | None:
     Reads at most 132 bytes: a name ending in ``.dcm``, or the ``DICM`` marker.
     """
     if _is_dicom(Path(path)):
-        return "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
+        return "a DICOM file: niconv converts DICOM series in a run (niconv plan lists them), not one file here"
     return None
 
 

@@ -58,7 +58,12 @@ def _convert(task: Task) -> TaskResult:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", ResourceWarning)  # the garbage collector's, not the file's
-            c = conv.convert(task, task.options)
+            if task.series is not None:  # a DICOM series: dcm2niix first, then this converter's own route
+                from .converters.dicom_series import convert_series
+
+                c = convert_series(task, conv)
+            else:
+                c = conv.convert(task, task.options)
         nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
         details = dict(c.details)
         said = list(dict.fromkeys(first_line(str(w.message)) for w in caught))

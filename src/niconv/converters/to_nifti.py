@@ -230,6 +230,15 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
     )
 
 
+def output_paths(task) -> tuple[str, ...]:
+    """The output; for a DICOM series also its JSON sidecar beside it (``<name>.json``)."""
+    if task.series is None:
+        return (task.output_path,)
+    out = Path(task.output_path)
+    stem = out.name[: -len(".nii.gz")] if out.name.lower().endswith(".nii.gz") else out.stem
+    return (task.output_path, str(out.with_name(stem + ".json")))
+
+
 def stored_affine(path: str, key: str | None = None) -> np.ndarray | None:
     """The ``(4, 4)`` member ``affine`` of a ``.npz`` (voxel -> RAS+ mm), or None when it has none.
 
@@ -311,4 +320,5 @@ CONVERTER = Converter(
     pairs=pairs,
     memory_factor=2.0,
     inputs="array",
+    output_paths=output_paths,
 )
