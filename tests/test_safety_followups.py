@@ -269,3 +269,56 @@ def test_a_log_whose_first_line_is_damaged_is_read_alike_by_every_command(cohort
     log.write_bytes(b"\0\0\0 not a log\nname,size\nscan.nii.gz,12\n")
     proc = niconv("run", cfg, cwd=tmp_path)
     assert_clean_refusal(proc, "is not a niconv log")
+
+
+# ---------------------------------------------------------------- 6b. a killed resource tracker prints nothing
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the run's helper processes in /proc")
+def test_killing_the_pools_resource_tracker_mid_run_ends_in_the_summary_without_a_traceback(cohort, tmp_path,
+                                                                                             frozen_inputs):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(60):
+        shutil.copy(cohort / "nilearn_mni152_t1_2009a.nii.gz", src / f"mni_{i:02d}.nii.gz")
+    frozen_inputs(src)
+    cfg = write_config(tmp_path, "input:\n  root: in\noutput:\n  root: out\njobs: 2\nconvert:\n  to: numpy\n")
+    run = subprocess.Popen([sys.executable, "-m", "niconv", "run", str(cfg), "--quiet"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = []
+    try:
+        deadline = time.time() + 120
+        while not killed and run.poll() is None and time.time() < deadline:
+            for pid, cmdline in _children(run.pid):
+                if "resource_tracker" in cmdline or "niconv.tracker" in cmdline:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+    finally:
+        out, err = run.communicate(timeout=300)
+    assert killed, "the run's pool never started a resource tracker"
+    assert run.returncode == 0, err
+    assert "60 converted" in out and "0 failed" in out, out
+    assert "Traceback" not in err and "KeyError" not in err and "resource_tracker" not in err, err
+    assert len(list((tmp_path / "out").rglob("*.npz"))) == 60
