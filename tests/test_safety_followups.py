@@ -72,6 +72,60 @@ def test_a_hard_link_to_a_shard_lock_file_is_refused_when_the_lock_is_taken(coho
             pass
 
 
+@pytest.mark.parametrize("link", ["hard link to an empty input", "symbolic link to another tree's log"])
+def test_a_link_planted_as_the_log_is_refused_and_nothing_is_written_through_it(cohort, tmp_path, frozen_inputs,
+                                                                                  link):
+    # rows are appended to the log in place, like the owner written into a lock file
+    src = fill(tmp_path / "in", cohort)
+    (src / "cut_short.nii.gz").write_bytes(b"")  # an export interrupted before its first byte
+    frozen_inputs(src)
+    other = tmp_path / "other" / "niconv_log.csv"
+    other.parent.mkdir()
+    shutil.copy(cohort / IMAGES[0], tmp_path / "other" / "x.nii.gz")
+    assert niconv("run", write_config(other.parent, "input:\n  root: .\noutput:\n  root: out\nlog: niconv_log.csv\n"
+                                                    "convert:\n  to: numpy\n"), "--quiet",
+                  cwd=other.parent).returncode == 0
+    before = other.read_bytes()
+    cfg = config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    if link.startswith("hard"):
+        os.link(src / "cut_short.nii.gz", out / "niconv_log.csv")
+    else:
+        (out / "niconv_log.csv").symlink_to(other)
+    proc = niconv("run", cfg, "--quiet", cwd=tmp_path)
+    assert_clean_refusal(proc, "niconv_log.csv", "the log (config key 'log') exists and is a ",
+                         "hard link" if link.startswith("hard") else f"symbolic link to {other}")
+    assert other.read_bytes() == before
+    assert not any(p.suffix == ".npz" for p in out.rglob("*"))
+
+
+def test_files_niconv_appends_to_are_never_opened_through_a_link_made_after_the_plan(cohort, tmp_path,
+                                                                                     frozen_inputs):
+    # a link that appears between the plan's check and the write: the open itself refuses it
+    from niconv.config import load_config
+    from niconv.errors import OutputError
+    from niconv.log import CsvLog
+    from niconv.runfiles import slurm_jobs_path
+    from niconv.slurm import _record
+
+    src = frozen_inputs(fill(tmp_path / "in", cohort))
+    out = tmp_path / "out"
+    out.mkdir()
+    log = out / "niconv_log.csv"
+    log.symlink_to(src / IMAGES[0])
+    with pytest.raises(OutputError, match="found a symbolic link to .*dipy_aniso_vox.nii.gz; niconv never writes"):
+        CsvLog(log)
+    log.unlink()
+    os.link(src / IMAGES[1], log)
+    with pytest.raises(OutputError, match=r"found a file with 2 names \(a hard link\)"):
+        CsvLog(log)
+    jobs = slurm_jobs_path(load_config(config(tmp_path)).log_path)
+    jobs.symlink_to(src / IMAGES[0])
+    with pytest.raises(OutputError, match="found a symbolic link"):
+        _record(load_config(config(tmp_path)), {"job_id": "1"})
+
+
 # ---------------------------------------------------------------- 2. merge --output follows the log's rules
 
 

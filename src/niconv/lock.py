@@ -331,8 +331,12 @@ def _write_fd(fd: int, info: dict) -> None:
 
 
 def _read(p: Path) -> dict | None:
+    """The owner written in a lock file; None if there is none, or no lock file of niconv's there."""
     try:
-        info = json.loads(p.read_text())
-    except (OSError, ValueError):
+        fd = open_own(p, os.O_RDONLY)  # a FIFO planted there must not hang the run
+    except (OSError, OutputError):
         return None
-    return info if isinstance(info, dict) else None
+    try:
+        return _read_fd(fd) or None
+    finally:
+        os.close(fd)

@@ -22,6 +22,8 @@ from typing import IO, Iterable
 
 import numpy as np
 
+from .writers import atomic_output, open_own
+
 STATUSES = ("ok", "failed", "skipped")
 # How log files are read and written: undecodable bytes of a file name pass through unchanged.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
@@ -98,7 +100,8 @@ class CsvLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _repair(self.path)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open_log(self.path, "a")
+        # never through a link: rows appended there would change another file
+        self._file = open_log(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(COLUMNS)
@@ -127,7 +130,7 @@ def _repair(path: Path) -> None:
     """Drop a partial last line left by a killed process, so appends start on a fresh row."""
     if not path.exists() or path.stat().st_size == 0:
         return
-    with open(path, "rb+") as f:
+    with os.fdopen(open_own(path, os.O_RDWR), "rb+") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
             return
@@ -136,8 +139,9 @@ def _repair(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-def open_log(path: str | os.PathLike, mode: str = "r") -> IO[str]:
-    """Open a CSV log as text the way niconv writes them (UTF-8, paths byte for byte, csv newlines)."""
+def open_log(path: str | os.PathLike | int, mode: str = "r") -> IO[str]:
+    """Open a CSV log (a path or an open descriptor) as text the way niconv writes them (UTF-8, paths
+    byte for byte, csv newlines)."""
     return open(path, mode, newline="", encoding=ENCODING, errors=ERRORS)
 
 
@@ -266,8 +270,6 @@ def latest_by_task(rows: Iterable[dict]) -> dict[str, dict]:
 
 def write_run_record(path: str | os.PathLike, record: dict) -> None:
     """Write the JSON run record atomically (sorted keys, indented)."""
-    from .writers import atomic_output
-
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, sort_keys=True, default=str)
         f.write("\n")

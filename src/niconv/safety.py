@@ -34,7 +34,7 @@ from .log import STATUSES, read_rows
 from .manifest import Task
 from .paths import within
 from .runfiles import log_files, run_record_path
-from .writers import TEMP_PREFIX
+from .writers import TEMP_PREFIX, own_file_problem
 
 # offending paths shown in a message (the count is always given)
 SHOW = 5
@@ -184,8 +184,9 @@ def is_niconv_log(first_line: bytes) -> bool:
 
 
 def _log_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "is not a regular file"
+    found = own_file_problem(path)  # rows are appended in place: never through a link
+    if found:
+        return f"is {found}"
     try:
         with open(path, "rb") as f:
             first = f.readline(1 << 16)
@@ -215,13 +216,9 @@ def _record_problem(path: Path) -> str | None:
 
 
 def _lock_problem(path: Path) -> str | None:
-    # niconv makes its lock files itself: never a link to somewhere else
-    if path.is_symlink():
-        return f"is a symbolic link (to {os.readlink(path)})"
-    if not path.is_file():
-        return "is not a regular file"
-    if path.stat().st_nlink > 1:
-        return f"is a hard link ({path.stat().st_nlink} names)"
+    found = own_file_problem(path)  # niconv makes its lock files itself: never a link to somewhere else
+    if found:
+        return f"is {found}"
     try:
         text = path.read_bytes()[:1 << 16]
         info = json.loads(text) if text.strip() else {}
