@@ -72,6 +72,24 @@ def test_a_hard_link_to_a_shard_lock_file_is_refused_when_the_lock_is_taken(coho
             pass
 
 
+def test_a_new_lock_file_never_has_a_second_name_and_a_passing_one_is_waited_for(tmp_path):
+    # shards of a SLURM array start at once on a fresh tree: one creates the lock file while
+    # the others open it, and a name it has for an instant is no planted link
+    import threading
+
+    from niconv.lock import run_lock
+
+    out = tmp_path / "out"
+    with run_lock(out / ".niconv.lock") as token:
+        assert os.stat(out / ".niconv.lock").st_nlink == 1
+        assert sorted(p.name for p in out.iterdir()) == [".niconv.lock"]
+    passing = out / ".niconv.lock.passing"
+    os.link(out / ".niconv.lock", passing)
+    threading.Timer(0.03, passing.unlink).start()
+    with run_lock(out / ".niconv.lock", shard=(0, 2)) as again:
+        assert again == token
+
+
 @pytest.mark.parametrize("link", ["hard link to an empty input", "symbolic link to another tree's log"])
 def test_a_link_planted_as_the_log_is_refused_and_nothing_is_written_through_it(cohort, tmp_path, frozen_inputs,
                                                                                   link):
