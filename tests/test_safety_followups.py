@@ -343,6 +343,25 @@ def test_a_log_whose_first_line_is_damaged_is_read_alike_by_every_command(cohort
     assert_clean_refusal(proc, "is not a niconv log")
 
 
+def test_a_log_whose_start_a_crash_turned_into_zeros_costs_only_its_damaged_line(cohort, tmp_path, frozen_inputs):
+    # lost blocks read back as NUL bytes, here longer than the first line's 64 KiB the log check used to read:
+    # run, status, merge and verify all read the log alike (the header is one damaged line)
+    frozen_inputs(fill(tmp_path / "in", cohort))
+    cfg = config(tmp_path)
+    assert niconv("run", cfg, "--quiet", cwd=tmp_path).returncode == 0
+    log = tmp_path / "out" / "niconv_log.csv"
+    log.write_bytes(b"\0" * (200 * 1024) + log.read_bytes())
+    proc = niconv("run", cfg, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 converted, 2 already done" in proc.stdout and "1 damaged log line(s) skipped" in proc.stdout
+    proc = niconv("status", cfg, cwd=tmp_path)
+    assert proc.returncode == 0 and "1 damaged log line(s) skipped" in proc.stdout + proc.stderr, proc.stderr
+    proc = niconv("verify", log)
+    assert proc.returncode == 0 and "2 of 2 outputs match the log" in proc.stdout, proc.stderr
+    proc = niconv("merge", cfg, cwd=tmp_path)
+    assert proc.returncode == 0 and "merged 2 of 2 tasks" in proc.stdout, proc.stderr
+
+
 # ---------------------------------------------------------------- 6b. a killed resource tracker prints nothing
 
 

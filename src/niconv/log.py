@@ -191,15 +191,43 @@ def read_log(path: str | os.PathLike) -> LogContents:
     LogContents
     """
     try:
-        # a spreadsheet program saving the log may put a byte-order mark before the header
-        text = Path(path).read_bytes().decode(ENCODING, ERRORS).removeprefix("\ufeff")
+        text = _text(Path(path).read_bytes())
     except FileNotFoundError:
         return LogContents()
+    return _parse(text)[0]
+
+
+def is_log(head: bytes) -> bool:
+    """True if a file that starts with ``head`` is a niconv log, as :func:`read_log` reads it.
+
+    Every command decides with this one function: a log is blank, or its whole
+    lines in ``head`` hold a header or a row. A damaged line, the first
+    included (a byte-order mark, NUL bytes), is skipped as :func:`read_log`
+    skips it, so it costs only that line; a file with no header and no row is
+    not a log.
+
+    Parameters
+    ----------
+    head : bytes
+        The file's first bytes (e.g. 64 KiB); a line cut at the end is not looked at.
+    """
+    text = _text(head)
+    return not text.strip() or _parse(text.rpartition("\n")[0] + "\n")[1]
+
+
+def _text(data: bytes) -> str:
+    # a spreadsheet program saving the log may put a byte-order mark before the header
+    return data.decode(ENCODING, ERRORS).removeprefix("\ufeff")
+
+
+def _parse(text: str) -> tuple[LogContents, bool]:
+    """The log in ``text``, and whether it holds a header or a row at all."""
     *lines, cut = text.split("\n")
     lines = [line + "\n" for line in lines]
     names, widths = COLUMNS, {len(COLUMNS)}
     # a last line without its line end is a write cut short, which the next run removes (CsvLog)
     rows, damaged, first_is_header, i = [], int(bool(cut.strip())), None, 0
+    headers = 0
     while i < len(lines):
         if not lines[i].strip():
             i += 1
@@ -213,6 +241,7 @@ def read_log(path: str | os.PathLike) -> LogContents:
         is_header = _is_header(record)
         first_is_header = is_header if first_is_header is None else first_is_header
         if is_header:
+            headers += 1
             # rows have the header's columns, or ours when this niconv appended them
             names, widths = max(tuple(record), COLUMNS, key=len), {len(record), len(COLUMNS)}
         elif (row := _row(record, names, widths)) is not None:
@@ -221,7 +250,7 @@ def read_log(path: str | os.PathLike) -> LogContents:
             damaged += 1
             end = i + 1  # skip only this line: the lines after it are read on their own
         i = end
-    return LogContents(rows, damaged, first_is_header is False)
+    return LogContents(rows, damaged, first_is_header is False), bool(headers or rows)
 
 
 def _record(lines: list[str]) -> list[str] | None:
