@@ -201,10 +201,12 @@ def cmd_plan(args) -> int:
     p = plan(tasks, logged.rows, shard=args.shard)
     latest = latest_by_task(logged.rows)
     # why each skipped task is skipped: logged, or (never run) the reason the run will give
-    why = {t.task_id: latest[t.task_id]["error_message"].removeprefix(f"{t.input_path}: ") for t in p.skipped}
+    why = {t.task_id: latest[t.task_id]["error_message"].removeprefix(f"{t.input_path}: ")
+           .removeprefix(f"{t.series.label}: " if t.series is not None else "") for t in p.skipped}
     reads_images = {name: converters.get(name).inputs == "image" for name in {t.converter for t in p.pending}}
     why.update({t.task_id: reason for t in p.pending
-                if reads_images[t.converter] and (reason := skip_reason(t.input_path))})
+                if (reason := t.series.skip if t.series is not None else
+                    reads_images[t.converter] and skip_reason(t.input_path))})
     state = {t.task_id: "pending" for t in p.pending}
     state.update({t.task_id: "done" for t in p.done})
     state.update({t.task_id: "failed" for t in p.failed_before})
@@ -219,7 +221,8 @@ def cmd_plan(args) -> int:
     else:
         for t in shown:
             target = f"({why[t.task_id]})" if t.task_id in why else f"-> {t.output_path}"
-            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path} {target}")
+            series = f" [{t.series.label}]" if t.series is not None else ""  # a DICOM series: what it holds
+            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path}{series} {target}")
         count = collections.Counter(state.values())
         print(f"niconv: {len(shown)} task(s): {count['pending']} pending, {count['done']} done, "
               f"{count['failed']} failed earlier, {count['skipped']} skipped", file=sys.stderr)
@@ -243,6 +246,7 @@ def cmd_init(args) -> int:
 
 def cmd_info(args) -> int:
     from .info import describe
+    from .text import first_line
 
     status = EXIT_OK
     for f in args.files:
@@ -252,7 +256,7 @@ def cmd_info(args) -> int:
             print(f"{f}: error: {exc.message}", file=sys.stderr, flush=True)
             status = EXIT_FAILED
         except Exception as exc:  # noqa: BLE001 - one file nibabel trips over costs only that file
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason given"
+            why = first_line(exc, empty="no reason given")
             print(f"{f}: error: cannot describe this file ({why})", file=sys.stderr, flush=True)
             status = EXIT_FAILED
     return status

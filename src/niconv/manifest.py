@@ -10,6 +10,7 @@ import hashlib
 import heapq
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,41 @@ MAX_SHARDS = 1_000_000
 
 
 @dataclass(frozen=True)
+class Series:
+    """The DICOM series a task converts: every file of one SeriesInstanceUID.
+
+    Attributes
+    ----------
+    files : tuple of str
+        Absolute paths of the series' files, sorted; they may lie in several folders.
+    label : str
+        How messages and ``niconv plan`` name the series: its number, modality,
+        description and file count (``series 201 MR 'EPI_asc', 27 files``).
+    stem : str
+        The output name of the series without the converter's extension (the
+        name template filled in); split outputs add dcm2niix's postfix to it.
+    metadata : tuple of (str, object)
+        Series-level header values for the log (DICOM keyword, value; tuples
+        for multi-valued fields): identifying ones only when the config opts in.
+    skip : str
+        Why the series is not converted (a non-image object such as a
+        structured report); its row is ``skipped`` with this reason.
+    problem : str
+        Why it cannot be converted (a file that is not DICOM, mixed image
+        sizes); its row is ``failed`` with this reason.
+    """
+
+    files: tuple[str, ...]
+    label: str
+    stem: str
+    metadata: tuple[tuple[str, Any], ...] = ()
+    skip: str = ""
+    problem: str = ""
+
+
+@dataclass(frozen=True)
 class Task:
-    """One conversion of one input file.
+    """One conversion of one input: a file, or a DICOM series (``series``).
 
     Attributes
     ----------
@@ -37,7 +71,8 @@ class Task:
     converter : str
         Registered converter name (``numpy``, ``nifti``, ``slices``, ``preprocess``).
     input_path : str
-        Absolute path of the input file.
+        Absolute path of the input file; for a DICOM series, the folder holding
+        its files (the deepest folder common to all of them).
     rel_path : str
         Input path relative to its input root, POSIX separators.
     output_path : str
@@ -52,6 +87,9 @@ class Task:
     label_map : bool
         The input matches ``input.label_maps``: converters keep its values
         (nearest neighbour, no window, no intensity step).
+    series : Series or None
+        The DICOM series this task converts (its files, names, metadata);
+        None for a task of one input file.
     """
 
     task_id: str
@@ -63,6 +101,7 @@ class Task:
     pairs: tuple[tuple[str, str | None], ...] = ()
     bytes_in: int = 0
     label_map: bool = False
+    series: Series | None = None
 
     def pair(self, role: str) -> str | None:
         """The path of the extra input playing ``role``, or None."""
@@ -87,6 +126,21 @@ def task_id(identity: dict, converter: str, options: dict) -> str:
         sort_keys=True, separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (an input's content identity, an output's digest).
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:

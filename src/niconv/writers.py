@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -223,8 +224,53 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
         writes.renamed.append(str(final))
 
 
-# temporary files this process is writing now (atomic_output blocks not yet ended)
+# temporary files (and folders, temp_folder) this process is writing now (blocks not yet ended)
 _writing: set[str] = set()
+_writing_folders: set[str] = set()
+
+
+@contextlib.contextmanager
+def temp_folder(parent: str | os.PathLike, what: str) -> Iterator[str]:
+    """Yield a new temporary folder inside ``parent``; remove it, and all it holds, afterwards.
+
+    For work files an outside program writes (dcm2niix's NIfTI of a DICOM
+    series) before niconv reads them. The folder is named as niconv's temporary
+    files are (:data:`TEMP_PREFIX`, the tree's token, host and process), so a
+    scan never takes it as input and :func:`remove_stale_temps` removes it once
+    its process is gone.
+
+    Parameters
+    ----------
+    parent : path-like
+        A folder (created if missing); inside :func:`writing_into` it must lie
+        under the scope's real output root.
+    what : str
+        The end of the folder's name, saying what it holds (``dicom``).
+
+    Raises
+    ------
+    OutputError
+        If the folder cannot be created, or ``parent`` resolves to a place
+        outside the scope's output root.
+    """
+    writes = _task.get()
+    scope = writes.scope if writes is not None else None
+    if scope is not None:
+        _check_inside(Path(parent) / what, scope)  # before creating folders: none may appear outside the root
+    try:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        if scope is not None:
+            _check_inside(Path(parent) / what, scope)  # a link may have appeared meanwhile
+        prefix, suffix = _temp_affixes(what, scope.token if scope is not None else None)
+        path = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+    except OSError as exc:
+        raise OutputError(str(parent), f"cannot create a temporary folder in {parent}: {_why(exc)}") from exc
+    _writing_folders.add(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # links inside are removed, never followed
+        _writing_folders.discard(path)
 
 
 def open_own(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
@@ -300,7 +346,7 @@ def _not_own(found: str) -> str:
 
 
 def remove_own_temps() -> None:
-    """Remove the temporary files this process is writing, just before it ends abruptly.
+    """Remove the temporary files and folders this process is writing, just before it ends abruptly.
 
     For a worker whose run has died: no one will read what it writes, and a
     rerun cannot tell at once that the writer has gone. Safe beside a rename in
@@ -308,6 +354,8 @@ def remove_own_temps() -> None:
     """
     for tmp in list(_writing):
         _remove(tmp)
+    for folder in list(_writing_folders):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_inside(final: Path, scope: WriteScope) -> None:
@@ -341,7 +389,7 @@ def _shorten(name: str, budget: int) -> str:
 
 
 def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
-    """Delete this tree's temporary files whose writers no longer run.
+    """Delete this tree's temporary files (and folders, :func:`temp_folder`) whose writers no longer run.
 
     Only files niconv made for this output tree are candidates: their name
     starts with ``.niconv-tmp-<scope.token>-``. Such a file is stale when its
@@ -373,7 +421,9 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
         dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skipped]
         if dirpath in skipped:
             continue
-        for name in filenames:
+        folders = {d for d in dirnames if ours.match(d)}
+        dirnames[:] = [d for d in dirnames if d not in folders]  # a temporary folder goes whole, or stays
+        for name in filenames + sorted(folders):
             m = ours.match(name)
             if m is None:
                 continue
@@ -387,7 +437,10 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
                     continue
             if stale:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    if name in folders:
+                        shutil.rmtree(path)  # links inside are removed, never followed
+                    else:
+                        os.unlink(path)
                     removed += 1
     return removed
 

@@ -50,6 +50,7 @@ from ..ops.labels import label_map_warnings
 from ..ops.window import DEFAULT_PERCENTILES, Window, apply_window, compute_window, \
     label_colors, label_to_uint, parse_window_spec
 from ..schema import ConfigModel, validated
+from ..text import fmt_dtype, fmt_shape
 from ..volume import Volume, image_stem, read_volume
 from ..writers import atomic_output, recorded_outputs, write_folder_record
 from . import Conversion, Converter
@@ -383,7 +384,7 @@ def convert(task: Task, options: Options) -> Conversion:
     return Conversion(
         outputs=tuple(sorted(written)),
         input_shape=tuple(int(s) for s in vol.data.shape),
-        input_dtype=_dtype_name(vol.data.dtype),
+        input_dtype=fmt_dtype(vol.data.dtype),
         output_shape=(images,),
         output_dtype="uint8" if bit_depth == 8 else "uint16",
         zooms=vol.zooms,
@@ -424,8 +425,7 @@ def _as_xyzt(vol: Volume) -> tuple[np.ndarray, tuple[str, ...] | None]:
     if data.ndim == 3:
         data = data[..., np.newaxis]
     if data.ndim != 4:
-        raise UnsupportedInput(vol.path, f"expected a 2D, 3D or 4D image; found shape "
-                                         f"{'x'.join(str(int(s)) for s in vol.data.shape)}")
+        raise UnsupportedInput(vol.path, f"expected a 2D, 3D or 4D image; found shape {fmt_shape(vol.data.shape)}")
     return data, rgb_fields
 
 
@@ -591,9 +591,3 @@ def _pixel_mm(spacing: tuple[float, float, float], plane: str, aspect: str) -> l
     if aspect == "spacing":
         rows = cols = min(rows, cols)
     return [round(rows, 6), round(cols, 6)]
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    if dtype.names is not None:
-        return "rgba32" if len(dtype.names) == 4 else "rgb24"
-    return np.dtype(dtype).newbyteorder("=").name

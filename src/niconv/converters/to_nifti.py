@@ -34,7 +34,8 @@ from .. import codec
 from ..paths import resolve_path
 from ..schema import ConfigModel, found
 from ..errors import InputError
-from ..log import fmt_dtype
+from ..ops.orientation import axcodes
+from ..text import fmt_dtype, fmt_shape
 from ..volume import image_stem, load_image, read_array
 from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, seed_output, show_patterns
@@ -125,8 +126,8 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
     if data.ndim < 3:
         raise InputError(where, f"expected a volume of shape (X, Y, Z[, T]), found shape {data.shape}")
     if data.size == 0:
-        shape = "x".join(map(str, data.shape))
-        raise InputError(where, f"the array holds no values (shape {shape}); a NIfTI image needs at least one voxel")
+        raise InputError(where, f"the array holds no values (shape {fmt_shape(data.shape)}); a NIfTI image needs "
+                                "at least one voxel")
     data = nifti_array(data, where)
     if reference is not None:
         ref = load_image(reference)
@@ -222,11 +223,20 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         output_shape=tuple(img.shape),
         output_dtype=fmt_dtype(img.get_data_dtype()),
         zooms=tuple(float(z) for z in img.header.get_zooms()),
-        axcodes="".join(c or "?" for c in nib.aff2axcodes(img.affine)),
+        axcodes=axcodes(img.affine),
         details={**({"reference": reference} if reference else {}),
                  **({"affine": "from the array file"} if affine is not None and options.affine is None else {}),
                  **({"label_map": True} if label_map else {})},
     )
+
+
+def output_paths(task) -> tuple[str, ...]:
+    """The output; for a DICOM series also its JSON sidecar beside it (``<name>.json``)."""
+    if task.series is None:
+        return (task.output_path,)
+    out = Path(task.output_path)
+    stem = out.name[: -len(".nii.gz")] if out.name.lower().endswith(".nii.gz") else out.stem
+    return (task.output_path, str(out.with_name(stem + ".json")))
 
 
 def stored_affine(path: str, key: str | None = None) -> np.ndarray | None:
@@ -310,4 +320,5 @@ CONVERTER = Converter(
     pairs=pairs,
     memory_factor=2.0,
     inputs="array",
+    output_paths=output_paths,
 )
