@@ -72,6 +72,78 @@ def test_a_hard_link_to_a_shard_lock_file_is_refused_when_the_lock_is_taken(coho
             pass
 
 
+def test_a_new_lock_file_never_has_a_second_name_and_a_passing_one_is_waited_for(tmp_path):
+    # shards of a SLURM array start at once on a fresh tree: one creates the lock file while
+    # the others open it, and a name it has for an instant is no planted link
+    import threading
+
+    from niconv.lock import run_lock
+
+    out = tmp_path / "out"
+    with run_lock(out / ".niconv.lock") as token:
+        assert os.stat(out / ".niconv.lock").st_nlink == 1
+        assert sorted(p.name for p in out.iterdir()) == [".niconv.lock"]
+    passing = out / ".niconv.lock.passing"
+    os.link(out / ".niconv.lock", passing)
+    threading.Timer(0.03, passing.unlink).start()
+    with run_lock(out / ".niconv.lock", shard=(0, 2)) as again:
+        assert again == token
+
+
+@pytest.mark.parametrize("link", ["hard link to an empty input", "symbolic link to another tree's log"])
+def test_a_link_planted_as_the_log_is_refused_and_nothing_is_written_through_it(cohort, tmp_path, frozen_inputs,
+                                                                                  link):
+    # rows are appended to the log in place, like the owner written into a lock file
+    src = fill(tmp_path / "in", cohort)
+    (src / "cut_short.nii.gz").write_bytes(b"")  # an export interrupted before its first byte
+    frozen_inputs(src)
+    other = tmp_path / "other" / "niconv_log.csv"
+    other.parent.mkdir()
+    shutil.copy(cohort / IMAGES[0], tmp_path / "other" / "x.nii.gz")
+    assert niconv("run", write_config(other.parent, "input:\n  root: .\noutput:\n  root: out\nlog: niconv_log.csv\n"
+                                                    "convert:\n  to: numpy\n"), "--quiet",
+                  cwd=other.parent).returncode == 0
+    before = other.read_bytes()
+    cfg = config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    if link.startswith("hard"):
+        os.link(src / "cut_short.nii.gz", out / "niconv_log.csv")
+    else:
+        (out / "niconv_log.csv").symlink_to(other)
+    proc = niconv("run", cfg, "--quiet", cwd=tmp_path)
+    assert_clean_refusal(proc, "niconv_log.csv", "the log (config key 'log') exists and is a ",
+                         "hard link" if link.startswith("hard") else f"symbolic link to {other}")
+    assert other.read_bytes() == before
+    assert not any(p.suffix == ".npz" for p in out.rglob("*"))
+
+
+def test_files_niconv_appends_to_are_never_opened_through_a_link_made_after_the_plan(cohort, tmp_path,
+                                                                                     frozen_inputs):
+    # a link that appears between the plan's check and the write: the open itself refuses it
+    from niconv.config import load_config
+    from niconv.errors import OutputError
+    from niconv.log import CsvLog
+    from niconv.runfiles import slurm_jobs_path
+    from niconv.slurm import _record
+
+    src = frozen_inputs(fill(tmp_path / "in", cohort))
+    out = tmp_path / "out"
+    out.mkdir()
+    log = out / "niconv_log.csv"
+    log.symlink_to(src / IMAGES[0])
+    with pytest.raises(OutputError, match="found a symbolic link to .*dipy_aniso_vox.nii.gz; niconv never writes"):
+        CsvLog(log)
+    log.unlink()
+    os.link(src / IMAGES[1], log)
+    with pytest.raises(OutputError, match=r"found a file with 2 names \(a hard link\)"):
+        CsvLog(log)
+    jobs = slurm_jobs_path(load_config(config(tmp_path)).log_path)
+    jobs.symlink_to(src / IMAGES[0])
+    with pytest.raises(OutputError, match="found a symbolic link"):
+        _record(load_config(config(tmp_path)), {"job_id": "1"})
+
+
 # ---------------------------------------------------------------- 2. merge --output follows the log's rules
 
 
@@ -270,3 +342,75 @@ def test_a_log_whose_first_line_is_damaged_is_read_alike_by_every_command(cohort
     log.write_bytes(b"\0\0\0 not a log\nname,size\nscan.nii.gz,12\n")
     proc = niconv("run", cfg, cwd=tmp_path)
     assert_clean_refusal(proc, "is not a niconv log")
+
+
+def test_a_log_whose_start_a_crash_turned_into_zeros_costs_only_its_damaged_line(cohort, tmp_path, frozen_inputs):
+    # lost blocks read back as NUL bytes, here longer than the first line's 64 KiB the log check used to read:
+    # run, status, merge and verify all read the log alike (the header is one damaged line)
+    frozen_inputs(fill(tmp_path / "in", cohort))
+    cfg = config(tmp_path)
+    assert niconv("run", cfg, "--quiet", cwd=tmp_path).returncode == 0
+    log = tmp_path / "out" / "niconv_log.csv"
+    log.write_bytes(b"\0" * (200 * 1024) + log.read_bytes())
+    proc = niconv("run", cfg, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 converted, 2 already done" in proc.stdout and "1 damaged log line(s) skipped" in proc.stdout
+    proc = niconv("status", cfg, cwd=tmp_path)
+    assert proc.returncode == 0 and "1 damaged log line(s) skipped" in proc.stdout + proc.stderr, proc.stderr
+    proc = niconv("verify", log)
+    assert proc.returncode == 0 and "2 of 2 outputs match the log" in proc.stdout, proc.stderr
+    proc = niconv("merge", cfg, cwd=tmp_path)
+    assert proc.returncode == 0 and "merged 2 of 2 tasks" in proc.stdout, proc.stderr
+
+
+# ---------------------------------------------------------------- 6b. a killed resource tracker prints nothing
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the run's helper processes in /proc")
+def test_killing_the_pools_resource_tracker_mid_run_ends_in_the_summary_without_a_traceback(cohort, tmp_path,
+                                                                                             frozen_inputs):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(60):
+        shutil.copy(cohort / "nilearn_mni152_t1_2009a.nii.gz", src / f"mni_{i:02d}.nii.gz")
+    frozen_inputs(src)
+    cfg = write_config(tmp_path, "input:\n  root: in\noutput:\n  root: out\njobs: 2\nconvert:\n  to: numpy\n")
+    run = subprocess.Popen([sys.executable, "-m", "niconv", "run", str(cfg), "--quiet"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = []
+    try:
+        deadline = time.time() + 120
+        while not killed and run.poll() is None and time.time() < deadline:
+            for pid, cmdline in _children(run.pid):
+                if "resource_tracker" in cmdline or "niconv.tracker" in cmdline:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+    finally:
+        out, err = run.communicate(timeout=300)
+    assert killed, "the run's pool never started a resource tracker"
+    assert run.returncode == 0, err
+    assert "60 converted" in out and "0 failed" in out, out
+    assert "Traceback" not in err and "KeyError" not in err and "resource_tracker" not in err, err
+    assert len(list((tmp_path / "out").rglob("*.npz"))) == 60

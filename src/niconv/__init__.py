@@ -5,8 +5,6 @@ a whole cohort from one YAML config (``niconv run CONFIG``).
 """
 __version__ = "0.1.0"
 
-from .converters.to_nifti import numpy_to_nifti
-from .converters.to_numpy import nifti_to_numpy
 from .errors import (ClusterError, ConfigError, InputError, LockError, NiconvError, OutputError, ScanError,
                      SkippedInput, UnsupportedInput)
 
@@ -17,3 +15,15 @@ __all__ = [
     "NiconvError", "ConfigError", "ScanError", "InputError", "UnsupportedInput", "SkippedInput",
     "OutputError", "LockError", "ClusterError",
 ]
+
+
+def __getattr__(name: str):
+    # the seed functions load numpy and nibabel when first asked for: a helper process
+    # that imports one small module of the package (the resource tracker) stays light
+    if name == "nifti_to_numpy":
+        from .converters.to_numpy import nifti_to_numpy
+        return nifti_to_numpy
+    if name == "numpy_to_nifti":
+        from .converters.to_nifti import numpy_to_nifti
+        return numpy_to_nifti
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

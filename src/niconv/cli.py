@@ -16,11 +16,9 @@ from pathlib import Path
 
 from . import __version__, converters
 from .errors import ClusterError, ConfigError, LockError, LogError, NiconvError, ScanError
-from .manifest import TASKS_PER_SHARD, default_shards
+from .manifest import MAX_SHARDS, TASKS_PER_SHARD, default_shards
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# far above any job array (SLURM's MaxArraySize is 1001 by default): a larger N is a typo
-MAX_SHARDS = 1_000_000
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from . import converters
 from .errors import ConfigError
 from .limits import usable_cpus
-from .manifest import TASKS_PER_SHARD
+from .manifest import MAX_SHARDS, TASKS_PER_SHARD
 from .paths import resolve_path
 from .schema import ConfigModel, found, show, validated
 from .text import first_line
@@ -139,7 +139,7 @@ class SlurmOptions(ConfigModel):
     Every field can be overridden on the command line (``--partition`` ...).
     """
 
-    shards: Optional[int] = Field(None, ge=1, le=1_000_000, description=f"array tasks; default one per {TASKS_PER_SHARD} inputs")
+    shards: Optional[int] = Field(None, ge=1, le=MAX_SHARDS, description=f"array tasks; default one per {TASKS_PER_SHARD} inputs")
     partition: Optional[str] = Field(None, description="sbatch --partition")
     time: Optional[str] = Field(None, description="sbatch --time per array task, e.g. '02:00:00' or '1-00:00:00'")
     mem: Optional[str] = Field(None, description="sbatch --mem per array task, e.g. '8G'")

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from . import worker
+from . import tracker, worker
 from .log import TaskResult
 from .manifest import Task
 from .worker import convert_batch, convert_one
@@ -85,6 +85,7 @@ def processes(width: int, **kwargs):
 
     backend, _ = get_active_backend()
     if type(backend).__name__ == "LokyBackend":
+        tracker.install()  # a killed resource tracker costs no traceback on the terminal
         kwargs["initializer"] = worker.started
         kwargs["initargs"] = (os.getpid(),)
     return Parallel(n_jobs=width, **kwargs)

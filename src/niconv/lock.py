@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +106,9 @@ def _create(p: Path) -> None:
     if os.path.lexists(p):
         return
     data = json.dumps({"token": secrets.token_hex(8)}).encode()
+    if _link_unnamed(p, data):
+        return
+    # a temporary name linked into place: for an instant the file has two names (see _open_lock)
     fd, tmp = tempfile.mkstemp(prefix=p.name + ".", dir=p.parent)
     try:
         os.write(fd, data)
@@ -121,6 +125,28 @@ def _create(p: Path) -> None:
                     f.write(data)
     finally:
         os.unlink(tmp)
+
+
+def _link_unnamed(p: Path, data: bytes) -> bool:
+    """Write ``data`` into a file without a name and link it as ``p``: whole, with one name from the start.
+
+    Linux (``O_TMPFILE``, linked through ``/proc/self/fd``); False where that is not
+    available, and nothing was created.
+    """
+    try:
+        fd = os.open(p.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except (AttributeError, OSError):
+        return False
+    try:
+        os.write(fd, data)
+        os.link(f"/proc/self/fd/{fd}", p)
+    except FileExistsError:  # another run made it first: its token holds
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 # ---------------------------------------------------------------- flock
@@ -175,13 +201,28 @@ def _flocked(p: Path, how: int, on_busy) -> int:
 
 
 def _open_lock(p: Path, flags: int) -> int:
-    """Open a lock file, never through a link (an input could be behind it)."""
+    """Open a lock file, never through a link (an input could be behind it).
+
+    A tree's new lock file has a second name for an instant (:func:`_create` links
+    it into place from a temporary file): a hard link is refused only once it lasts.
+    """
+    for wait in (0.001, 0.01, 0.1, None):
+        try:
+            return open_own(p, flags)
+        except OutputError as exc:
+            if wait is None or not _two_names(p):
+                raise LockError(str(p), exc.message) from exc
+        except OSError as exc:
+            raise _cannot_create(p, exc) from exc
+        time.sleep(wait)
+
+
+def _two_names(p: Path) -> bool:
     try:
-        return open_own(p, flags)
-    except OutputError as exc:
-        raise LockError(str(p), exc.message) from exc
-    except OSError as exc:
-        raise _cannot_create(p, exc) from exc
+        st = os.lstat(p)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 2
 
 
 def _shared_with_token(p: Path) -> tuple[int, str]:
@@ -331,8 +372,12 @@ def _write_fd(fd: int, info: dict) -> None:
 
 
 def _read(p: Path) -> dict | None:
+    """The owner written in a lock file; None if there is none, or no lock file of niconv's there."""
     try:
-        info = json.loads(p.read_text())
-    except (OSError, ValueError):
+        fd = open_own(p, os.O_RDONLY)  # a FIFO planted there must not hang the run
+    except (OSError, OutputError):
         return None
-    return info if isinstance(info, dict) else None
+    try:
+        return _read_fd(fd) or None
+    finally:
+        os.close(fd)

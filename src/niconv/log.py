@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Iterable
 
+from .writers import atomic_output, open_own
+
 STATUSES = ("ok", "failed", "skipped")
 # How log files are read and written: undecodable bytes of a file name pass through unchanged.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
@@ -75,7 +77,8 @@ class CsvLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _repair(self.path)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open_log(self.path, "a")
+        # never through a link: rows appended there would change another file
+        self._file = open_log(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(COLUMNS)
@@ -104,7 +107,7 @@ def _repair(path: Path) -> None:
     """Drop a partial last line left by a killed process, so appends start on a fresh row."""
     if not path.exists() or path.stat().st_size == 0:
         return
-    with open(path, "rb+") as f:
+    with os.fdopen(open_own(path, os.O_RDWR), "rb+") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
             return
@@ -113,8 +116,9 @@ def _repair(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-def open_log(path: str | os.PathLike, mode: str = "r") -> IO[str]:
-    """Open a CSV log as text the way niconv writes them (UTF-8, paths byte for byte, csv newlines)."""
+def open_log(path: str | os.PathLike | int, mode: str = "r") -> IO[str]:
+    """Open a CSV log (a path or an open descriptor) as text the way niconv writes them (UTF-8, paths
+    byte for byte, csv newlines)."""
     return open(path, mode, newline="", encoding=ENCODING, errors=ERRORS)
 
 
@@ -164,15 +168,43 @@ def read_log(path: str | os.PathLike) -> LogContents:
     LogContents
     """
     try:
-        # a spreadsheet program saving the log may put a byte-order mark before the header
-        text = Path(path).read_bytes().decode(ENCODING, ERRORS).removeprefix("\ufeff")
+        text = _text(Path(path).read_bytes())
     except FileNotFoundError:
         return LogContents()
+    return _parse(text)[0]
+
+
+def is_log(head: bytes) -> bool:
+    """True if a file that starts with ``head`` is a niconv log, as :func:`read_log` reads it.
+
+    Every command decides with this one function: a log is blank, or its whole
+    lines in ``head`` hold a header or a row. A damaged line, the first
+    included (a byte-order mark, NUL bytes), is skipped as :func:`read_log`
+    skips it, so it costs only that line; a file with no header and no row is
+    not a log.
+
+    Parameters
+    ----------
+    head : bytes
+        The file's first bytes (e.g. 64 KiB); a line cut at the end is not looked at.
+    """
+    text = _text(head)
+    return not text.strip() or _parse(text.rpartition("\n")[0] + "\n")[1]
+
+
+def _text(data: bytes) -> str:
+    # a spreadsheet program saving the log may put a byte-order mark before the header
+    return data.decode(ENCODING, ERRORS).removeprefix("\ufeff")
+
+
+def _parse(text: str) -> tuple[LogContents, bool]:
+    """The log in ``text``, and whether it holds a header or a row at all."""
     *lines, cut = text.split("\n")
     lines = [line + "\n" for line in lines]
     names, widths = COLUMNS, {len(COLUMNS)}
     # a last line without its line end is a write cut short, which the next run removes (CsvLog)
     rows, damaged, first_is_header, i = [], int(bool(cut.strip())), None, 0
+    headers = 0
     while i < len(lines):
         if not lines[i].strip():
             i += 1
@@ -186,6 +218,7 @@ def read_log(path: str | os.PathLike) -> LogContents:
         is_header = _is_header(record)
         first_is_header = is_header if first_is_header is None else first_is_header
         if is_header:
+            headers += 1
             # rows have the header's columns, or ours when this niconv appended them
             names, widths = max(tuple(record), COLUMNS, key=len), {len(record), len(COLUMNS)}
         elif (row := _row(record, names, widths)) is not None:
@@ -194,7 +227,7 @@ def read_log(path: str | os.PathLike) -> LogContents:
             damaged += 1
             end = i + 1  # skip only this line: the lines after it are read on their own
         i = end
-    return LogContents(rows, damaged, first_is_header is False)
+    return LogContents(rows, damaged, first_is_header is False), bool(headers or rows)
 
 
 def _record(lines: list[str]) -> list[str] | None:
@@ -243,8 +276,6 @@ def latest_by_task(rows: Iterable[dict]) -> dict[str, dict]:
 
 def write_run_record(path: str | os.PathLike, record: dict) -> None:
     """Write the JSON run record atomically (sorted keys, indented)."""
-    from .writers import atomic_output
-
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, sort_keys=True, default=str)
         f.write("\n")

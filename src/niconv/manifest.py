@@ -21,6 +21,9 @@ OUTPUT_FORMAT_VERSION = 1
 # files per shard keeps the start-up cost (Python, imports, manifest scan) small
 # next to the work, without flooding the scheduler with array tasks.
 TASKS_PER_SHARD = 50
+# Most shards a run may be split into: far above any job array (SLURM's MaxArraySize
+# is 1001 by default), so a larger N is a typo, refused before anything is done.
+MAX_SHARDS = 1_000_000
 
 
 @dataclass(frozen=True)

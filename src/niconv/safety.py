@@ -20,30 +20,27 @@ after resolving symbolic links (``os.path.realpath``). A plan is refused when
 from __future__ import annotations
 
 import bisect
-import csv
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable, Iterable
 
 from . import converters
 from .errors import ConfigError, ScanError
 from .lock import FULL_RUN_FILE, LOCK_FILE
-from .log import STATUSES, read_rows
+from .log import is_log, read_rows
 from .manifest import Task
 from .paths import within
 from .runfiles import log_files, run_record_path
-from .writers import TEMP_PREFIX
+from .writers import TEMP_PREFIX, own_file_problem
 
 # offending paths shown in a message (the count is always given)
 SHOW = 5
 # a run record is a few kilobytes; a larger file is not one
 RECORD_MAX_BYTES = 1 << 24
-
-_TASK_ID = re.compile(r"[0-9a-f]{16}")
-# a byte-order mark, as a spreadsheet program saving the log as UTF-8 puts it
-BOM = b"\xef\xbb\xbf"
+# how much of an existing log is read to tell whether it is one: past a run of NUL bytes
+# that a crash (lost blocks) can leave at its start, yet not a large file that is no log
+LOG_HEAD_BYTES = 1 << 20
 
 
 class _Real:
@@ -119,10 +116,10 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
     """Refuse a log, run record or lock file that is an input, or exists and is not niconv's.
 
     Checks the configured log, the logs of shard runs beside it, each log's run
-    record (``<log stem>.run.json``) and the output tree's lock file. A log is
-    niconv's when it is empty, or its first line is the log's header or a log
-    row (a 16-hex-digit task id, then a status), so that a log whose header line
-    was lost is still accepted.
+    record (``<log stem>.run.json``) and the output tree's lock files. A log is
+    niconv's when :func:`niconv.log.is_log` says so (blank, or a header or a row
+    among its lines, as every command reads it), and it is a regular file with
+    one name: rows are appended in place, never through a link.
 
     Parameters
     ----------
@@ -170,35 +167,19 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
     return found
 
 
-def is_niconv_log(first_line: bytes) -> bool:
-    """True if the first line of a file is the CSV log's header or a log row."""
-    try:
-        fields = next(csv.reader([first_line.decode("utf-8")]), [])
-    except (UnicodeDecodeError, csv.Error):
-        return False
-    if not fields:
-        return False
-    if fields[:2] == ["task_id", "status"]:
-        return True
-    return len(fields) >= 2 and bool(_TASK_ID.fullmatch(fields[0])) and fields[1] in STATUSES
-
-
 def _log_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "is not a regular file"
+    found = own_file_problem(path)  # rows are appended in place: never through a link
+    if found:
+        return f"is {found}"
     try:
         with open(path, "rb") as f:
-            first = f.readline(1 << 16)
-            following = f.read(1 << 16).splitlines()[:-1]  # whole lines only
+            head = f.read(LOG_HEAD_BYTES)
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
-    if not first or is_niconv_log(first.removeprefix(BOM)):
+    if is_log(head):
         return None
-    # a damaged first line (NUL bytes, cut short): still niconv's when a line after it is a log row
-    if any(is_niconv_log(line) for line in following):
-        return None
-    return (f"is not a niconv log: expected the header 'task_id,status,...' or a log row, found "
-            f"{_shorten(first)}")
+    first = head.split(b"\n", 1)[0]
+    return f"is not a niconv log: expected the header 'task_id,status,...' or a log row, found {_shorten(first)}"
 
 
 def _record_problem(path: Path) -> str | None:
@@ -215,13 +196,9 @@ def _record_problem(path: Path) -> str | None:
 
 
 def _lock_problem(path: Path) -> str | None:
-    # niconv makes its lock files itself: never a link to somewhere else
-    if path.is_symlink():
-        return f"is a symbolic link (to {os.readlink(path)})"
-    if not path.is_file():
-        return "is not a regular file"
-    if path.stat().st_nlink > 1:
-        return f"is a hard link ({path.stat().st_nlink} names)"
+    found = own_file_problem(path)  # niconv makes its lock files itself: never a link to somewhere else
+    if found:
+        return f"is {found}"
     try:
         text = path.read_bytes()[:1 << 16]
         info = json.loads(text) if text.strip() else {}

@@ -25,6 +25,7 @@ from .config import SlurmOptions
 from .errors import ClusterError
 from .manifest import default_shards
 from .runfiles import logged_shard_count, slurm_jobs_path, slurm_logs_dir
+from .writers import atomic_output, open_own
 
 # SLURM's compiled-in MaxArraySize, used by --dry-run when scontrol is unavailable.
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -257,7 +258,8 @@ def submit(config_path: str | os.PathLike, config, shards: int, options: SlurmOp
         job_id = _run(["sbatch", "--parsable"], stdin=text).strip().split(";")[0]
         if not job_id.isdigit():
             raise ClusterError("sbatch --parsable", f"expected a job id, it printed {job_id!r}")
-        (Path(logs_dir) / f"{options.job_name}-{job_id}.sbatch").write_text(text)
+        with atomic_output(Path(logs_dir) / f"{options.job_name}-{job_id}.sbatch") as tmp:
+            Path(tmp).write_text(text)
         _record(config, {"job_id": job_id, "shards": shards, "offset": job.offset,
                          "indices": job.array_range, "time": int(time.time())})
         ids.append(job_id)
@@ -268,7 +270,8 @@ def _record(config, entry: dict) -> None:
     # one JSON line per submitted array: which job ids run which shards of which N
     path = slurm_jobs_path(config.log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    # appended in place, so never through a link (see open_own)
+    with os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 

@@ -110,6 +110,10 @@ def started(parent: int) -> None:
     """
     import threading
 
+    from . import tracker
+
+    tracker.install()  # a worker relaunches a killed resource tracker too
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_CHECK_SECONDS)

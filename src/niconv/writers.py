@@ -274,13 +274,15 @@ def temp_folder(parent: str | os.PathLike, what: str) -> Iterator[str]:
 
 
 def open_own(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
-    """Open one of niconv's own bookkeeping files (a lock file) for writing, never through a link.
+    """Open one of niconv's own files that it writes in place (a lock file, the log), never through a link.
 
     niconv makes these files itself, as regular files with one name; a symbolic
     link, a second hard link, a folder or a FIFO at that name was put there by
     someone else, and writing through it could change any file, an input
     included. ``O_NOFOLLOW`` refuses a symbolic link in the last component;
-    ``O_NONBLOCK`` keeps a FIFO from blocking the open.
+    ``O_NONBLOCK`` keeps a FIFO from blocking the open. Files written whole go
+    through :func:`atomic_output` instead: its rename replaces a link, never
+    what the link leads to.
 
     Returns
     -------
@@ -291,29 +293,56 @@ def open_own(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
     ------
     OutputError
         If the name is a symbolic link, a hard link (more than one name), or not
-        a regular file, naming what was found; or it cannot be opened.
+        a regular file, naming what was found.
+    OSError
+        If it cannot be opened for another reason (permissions, a full disk).
     """
     nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags | nofollow, mode)
     except OSError as exc:
-        if exc.errno == errno.ELOOP or os.path.islink(path):
-            found = f"a symbolic link to {os.readlink(path)}" if os.path.islink(path) else "a symbolic link"
+        found = own_file_problem(path)
+        if found:
             raise OutputError(str(path), _not_own(found)) from exc
         raise
-    st = os.fstat(fd)
-    found = (None if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1
-             else f"a file with {st.st_nlink} names (a hard link)" if stat.S_ISREG(st.st_mode)
-             else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file (not a regular file)")
+    found = _not_regular_with_one_name(os.fstat(fd), path)
     if found:
         os.close(fd)
         raise OutputError(str(path), _not_own(found))
     return fd
 
 
+def own_file_problem(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` if niconv must not write it in place (see :func:`open_own`), else None.
+
+    Returns
+    -------
+    str or None
+        ``"a symbolic link to ../in/a.nii.gz"``, ``"a file with 2 names (a hard
+        link)"``, ``"a folder"`` or ``"a special file (not a regular file)"``;
+        None for a regular file with one name, or nothing at all.
+    """
+    try:
+        return _not_regular_with_one_name(os.lstat(path), path)
+    except FileNotFoundError:
+        return None
+
+
+def _not_regular_with_one_name(st: os.stat_result, path) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        with contextlib.suppress(OSError):
+            return f"a symbolic link to {os.readlink(path)}"
+        return "a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "a special file (not a regular file)"
+    return f"a file with {st.st_nlink} names (a hard link)" if st.st_nlink > 1 else None
+
+
 def _not_own(found: str) -> str:
     return (f"expected niconv's own file (a regular file with one name), found {found}; niconv never writes "
-            f"through a link, which could change another file: remove it and run again")
+            "through a link, which could change another file: put a copy of the file in its place, or remove it")
 
 
 def remove_own_temps() -> None:
