@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .limits import usable_cpus
 from .manifest import TASKS_PER_SHARD
 from .paths import resolve_path
+from .qc import QcOptions, qc_options
 from .schema import ConfigModel, found, show, validated
 
 
@@ -216,10 +217,13 @@ class Config(ConfigModel):
     scheduler: Optional[str] = Field(None, description="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
     cluster: ClusterOptions = Field(default_factory=ClusterOptions,
                                     description="cluster runs: SLURM arrays (slurm), Dask workers as SLURM jobs (jobqueue)")
+    qc: QcOptions = Field(default_factory=QcOptions,
+                          description="quality control: true (figures measured during run), or its options")
     source: Optional[Path] = Field(None, description="the config file (set by load_config)")
 
     _log = field_validator("log", mode="before")(resolve_path)
     _mem = field_validator("memory_budget", mode="before")(lambda v: _size(v))
+    _qc = field_validator("qc", mode="before")(qc_options)
 
     @property
     def log_path(self) -> Path:

@@ -49,6 +49,8 @@ class Task:
     label_map : bool
         The input matches ``input.label_maps``: converters keep its values
         (nearest neighbour, no window, no intensity step).
+    qc : bool
+        Measure the volume's QC figures after converting it (``qc: true``), into ``details``.
     """
 
     task_id: str
@@ -60,6 +62,7 @@ class Task:
     pairs: tuple[tuple[str, str | None], ...] = ()
     bytes_in: int = 0
     label_map: bool = False
+    qc: bool = False
 
     def pair(self, role: str) -> str | None:
         """The path of the extra input playing ``role``, or None."""

@@ -124,6 +124,7 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
             pairs=pairs,
             bytes_in=_bytes(src),
             label_map=label_map,
+            qc=config.qc.run,
         ))
     clashes = {out: srcs for out, srcs in owners.items() if len(srcs) > 1}
     if clashes:
