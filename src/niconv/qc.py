@@ -31,8 +31,9 @@ FIGURES_VERSION = 1
 MAX_LABEL_VALUES = 256
 #: Grids closer than these are one grid (float32 header rounding).
 GRID_MM, GRID_DEGREES = 0.01, 0.01
-#: A robust outlier also differs from the median by more than this fraction of it.
-OUTLIER_FLOOR = 0.01
+#: A robust outlier also differs from the median by more than this fraction of it (a voxel more
+#: or a rounding of the spacing is not one).
+OUTLIER_FLOOR = 0.05
 
 
 class QcOptions(ConfigModel):

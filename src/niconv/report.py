@@ -217,18 +217,21 @@ def measure_all(entries: list[Entry], folder: Path, cache_path: Path, jobs: int,
         Volumes measured now, and taken from the cache.
     """
     cache = _read_cache(cache_path)
-    todo, cached = [], 0
-    for n, e in enumerate(entries):
-        if e.row.get("status") != "ok":
-            continue
+    ok = [(n, e) for n, e in enumerate(entries) if e.row.get("status") == "ok"]
+    for _, e in ok:
         e.volume = qc.volume_path(e.row.get("converter", ""), e.row.get("input_path", ""),
                                   e.row.get("output_path", ""))
+        e.figures = _usable((_details(e.row).get("qc") or {}).get("volume"))
+    # a label map that is a task of its own may have its figures in its own row
+    by_path = {e.volume: e.figures for _, e in ok if e.figures}
+    todo, cached = [], 0
+    for n, e in ok:
         if e.volume is None:
             continue
         logged = _details(e.row).get("qc") or {}
-        e.figures = _usable(logged.get("volume"))
-        if e.label_path and (logged.get("label") or {}).get("path") == e.label_path:
-            e.label_figures = _usable(logged["label"].get("figures"))
+        if e.label_path:
+            same = (logged.get("label") or {}).get("path") == e.label_path
+            e.label_figures = _usable(logged["label"].get("figures")) if same else by_path.get(e.label_path)
         key = _cache_key(e, thumbs)
         hit = cache.get(e.task_id)
         thumb = folder / f"{e.task_id}.png"
@@ -238,8 +241,7 @@ def measure_all(entries: list[Entry], folder: Path, cache_path: Path, jobs: int,
             e.error, e.thumb = hit.get("error", ""), hit.get("thumb", "")
             cached += 1
             continue
-        need_read = thumbs or e.figures is None or (e.label_path and e.label_figures is None)
-        if not need_read:
+        if not (thumbs or e.figures is None or (e.label_path and e.label_figures is None)):
             continue
         todo.append((n, (e.volume, e.label_path, e.label_map, str(thumb) if thumbs else None,
                          e.figures, e.label_figures)))
