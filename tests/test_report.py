@@ -145,7 +145,7 @@ def _browser():
 def _visible_files(browser) -> list[str]:
     return browser.execute_script(
         "return Array.from(document.querySelectorAll('#tasks tbody tr')).filter(r => !r.hidden)"
-        ".map(r => r.cells[1].firstChild.textContent);")
+        ".map(r => r.dataset.file);")
 
 
 def test_report_in_headless_chromium(converted, tmp_path):

@@ -327,6 +327,7 @@ def thumbnail(vol, label=None, label_map: bool = False) -> bytes:
         data = data[..., 0] if not rgb else data[..., 0, :]
     if data.ndim == 2:
         data = data[:, :, None]
+    label_map = label_map or _label_intent(vol)
     ras, affine, spacing = P.to_ras(data, vol.affine)
     if rgb:
         pixels = np.clip(ras, 0, 255).astype(np.uint8)
@@ -360,6 +361,14 @@ def thumbnail(vol, label=None, label_map: bool = False) -> bytes:
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def _label_intent(vol) -> bool:
+    """A NIfTI label-intent file: shown in colour like a listed label map."""
+    try:
+        return vol.image.header.get_intent()[0] == "label"
+    except Exception:  # noqa: BLE001 - not NIfTI, or an unknown intent code
+        return False
 
 
 def _label_on_grid(label, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -646,7 +655,8 @@ table{border-collapse:collapse;width:100%}
 th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top;font-size:12px}
 #tasks th{cursor:pointer;background:#f3f3f3;position:sticky;top:0}
 #tasks th.asc:after{content:" \\25B2"}#tasks th.desc:after{content:" \\25BC"}
-td.file{max-width:28em;word-break:break-all}
+td.file{min-width:16em;max-width:26em;overflow-wrap:anywhere}td.file small{color:#777}
+td.msg{min-width:14em;max-width:32em}
 td img{height:60px;image-rendering:auto;background:#000}
 .flag{display:inline-block;background:#d9534f;color:#fff;border-radius:3px;padding:0 4px;margin:1px;font-size:11px}
 .s-failed{color:#b00;font-weight:600}.s-skipped{color:#888}.s-pending{color:#a60}
@@ -665,7 +675,9 @@ function build(r){
   var td=el("td");
   if(r.thumb){var img=document.createElement("img");img.loading="lazy";img.alt="";img.src=r.thumb;td.appendChild(img);}
   tr.appendChild(td);
-  var f=el("td",r.file,"file");f.title=r.out?("output: "+r.out):"";
+  var cut=r.file.lastIndexOf("/"),f=el("td",undefined,"file");
+  f.appendChild(el("b",r.file.slice(cut+1)));f.appendChild(document.createElement("br"));
+  f.appendChild(el("small",r.file.slice(0,cut+1)));f.title=r.out?("output: "+r.out):"";tr.dataset.file=r.file;
   if(r.label){f.appendChild(document.createElement("br"));f.appendChild(el("small",r.label==="label map"?"(label map)":"label: "+r.label));}
   tr.appendChild(f);
   tr.appendChild(el("td",r.status,"s-"+r.status));
@@ -674,7 +686,7 @@ function build(r){
   var fl=el("td");
   r.flags.forEach(function(n,i){var s=el("span",n,"flag");s.title=r.why[i];fl.appendChild(s);});
   tr.appendChild(fl);
-  tr.appendChild(el("td",r.why.concat(r.msg?[r.msg]:[]).join("; ")));
+  tr.appendChild(el("td",r.why.concat(r.msg?[r.msg]:[]).join("; "),"msg"));
   r.text=(r.file+" "+r.flags.join(" ")+" "+r.why.join(" ")+" "+r.msg+" "+r.label).toLowerCase();
   r.tr=tr;return tr;
 }
