@@ -142,11 +142,13 @@ def main() -> None:
                 if what == "cached" and not (out / "report_files").exists():
                     niconv("report", cfg, "--jobs", args.jobs)
                 times[what].append(niconv("report", cfg, "--jobs", args.jobs))
+                print(f"  {what}: {times[what][-1]:.2f} s", flush=True)
                 if what == "cold":
                     pages.append(browser_figures(out / "report.html"))
-        size = (out / "report.html").stat().st_size
-        thumbs = list((out / "report_files").glob("*.png"))
-        print(f"report.html {size / 1024:.0f} KiB; {len(thumbs)} thumbnails, {sum(t.stat().st_size for t in thumbs) / len(thumbs) / 1024:.1f} KiB each on average")
+                    thumbs = list((out / "report_files").glob("*.png"))
+                    sizes = (out / "report.html").stat().st_size, len(thumbs), sum(t.stat().st_size for t in thumbs)
+        print(f"report.html {sizes[0] / 1024:.0f} KiB; {sizes[1]} thumbnails, "
+              f"{sizes[2] / max(sizes[1], 1) / 1024:.1f} KiB each on average")
         for what, values in times.items():
             print(f"{what:9s} median {statistics.median(values):6.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
         for key in ("load_ms", "dom_ms", "sort_ms", "filter_ms", "thumbs_loaded_at_first", "rows"):

@@ -391,7 +391,7 @@ def cmd_report(args) -> int:
     source = Path(args.source)
     if not source.exists():
         raise ConfigError(str(source), "file not found: expected a config or a niconv log")
-    if is_log(source):
+    if is_log(source) or source.suffix.lower() == ".csv":
         entries, log_path, options, damaged = gather_from_log(source)
     else:
         config, tasks = _load(argparse.Namespace(config=args.source))
