@@ -208,3 +208,34 @@ def test_report_in_headless_chromium(converted, tmp_path):
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         browser.quit()
+
+
+def test_thumbnail_colours_a_label_map_where_its_affine_puts_it(tmp_path):
+    import io
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from niconv.report import thumbnail
+    from niconv.volume import read_volume
+
+    image = read_volume(COHORT / "sct_t2s.nii.gz")
+    seg_path = COHORT.parent / "extra" / "sct_t2s_seg_int64.nii.gz"
+    if not seg_path.exists():
+        pytest.skip(f"test data not found: {seg_path}")
+    seg = nib.load(str(seg_path))
+    moved = seg.affine.copy()
+    moved[:3, 3] += [-4.0, 0.0, 0.0]  # 8 voxels of 0.5 mm towards the left
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), moved, seg.header), str(tmp_path / "moved.nii.gz"))
+
+    def coloured_columns(label) -> np.ndarray:
+        rgb = np.asarray(Image.open(io.BytesIO(thumbnail(image, label))).convert("RGB")).astype(int)
+        axial = rgb[:, : round(49 * 72 / 54)]  # the first plane: 54 rows (A) scaled to 72 pixels, 49 columns (R)
+        return np.nonzero((np.abs(axial[..., 0] - axial[..., 1]) > 20).any(axis=0))[0]
+
+    assert coloured_columns(None).size == 0  # a grey image alone
+    here, there = coloured_columns(read_volume(seg_path)), coloured_columns(read_volume(tmp_path / "moved.nii.gz"))
+    assert here.size and there.size
+    # radiological display: the patient's left is on the image's right; 8 voxels at 72 / 54 pixels each
+    assert there.mean() - here.mean() == pytest.approx(8 * 72 / 54, abs=2)
