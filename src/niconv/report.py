@@ -541,9 +541,9 @@ def _table_rows(entries: list[Entry]) -> list[dict]:
             "out": r.get("output_path", ""), "conv": r.get("converter", ""),
             "shape": "x".join(map(str, f["shape"])) if f.get("shape") else r.get("input_shape", ""),
             "voxels": f.get("voxels"),
-            "spacing": "x".join(f"{z:g}" for z in spacing), "sp": max(spacing) if spacing else None,
+            "spacing": "x".join(f"{z:g}" for z in spacing), "sp": _finite(max(spacing)) if spacing else None,
             "ax": f.get("axcodes") or r.get("axcodes", ""), "dtype": r.get("input_dtype", "") or f.get("dtype", ""),
-            "min": f.get("min"), "max": f.get("max"),
+            "min": _finite(f.get("min")), "max": _finite(f.get("max")),
             "flags": [fl.name for fl in e.flags],
             "why": [fl.message for fl in e.flags],
             "msg": r.get("error_message", "") or e.error,
@@ -551,6 +551,11 @@ def _table_rows(entries: list[Entry]) -> list[dict]:
             "thumb": e.thumb,
         })
     return rows
+
+
+def _finite(x):
+    """A number the page's JSON can hold (NaN and infinity cannot be JSON), else None."""
+    return x if isinstance(x, (int, float)) and np.isfinite(x) else None
 
 
 def _isnum(text: str) -> bool:
