@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Optional, Union
 import numpy as np
 from pydantic import Field, field_validator
 
+from .log import fmt_dtype
 from .schema import ConfigModel
 
 #: Bump when :func:`measure` changes what it records, so cached figures are measured again.
@@ -105,7 +106,7 @@ def measure(path: str, label_map: bool = False, data: np.ndarray | None = None, 
     fig: dict[str, Any] = {
         "version": FIGURES_VERSION,
         "shape": [int(s) for s in data.shape],
-        "dtype": _dtype_name(data.dtype),
+        "dtype": fmt_dtype(data.dtype),
         "zooms": [round(float(z), 6) for z in image.header.get_zooms()[:3]],
         "affine": [[round(float(x), 6) for x in row] for row in affine],
         "axcodes": "".join(c or "?" for c in nib.aff2axcodes(affine)),
@@ -158,10 +159,6 @@ def _num(x) -> float | int:
     x = x.item() if hasattr(x, "item") else x
     return int(x) if isinstance(x, (int, np.integer)) or (isinstance(x, float) and x.is_integer()
                                                          and abs(x) < 2 ** 53) else round(float(x), 6)
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    return str(dtype) if dtype.names else np.dtype(dtype).newbyteorder("=").name
 
 
 # ------------------------------------------------------------------------------------ flags
