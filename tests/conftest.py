@@ -105,3 +105,24 @@ def outputs(root: Path) -> dict[str, str]:
     """sha256 of every converted file under ``root``, by relative path (log, record and lock left out)."""
     return {str(p.relative_to(root)): sha256(p) for p in sorted(Path(root).rglob("*"))
             if p.is_file() and p.name not in RUN_FILES}
+
+
+def dicom_report(path: Path, number: int = 1) -> Path:
+    """A DICOM structured report (Basic Text SR: a document, not an image) at ``path``, with
+    its own series (UID derived from ``number``, so the same call writes the same bytes)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"report {number} instance"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[f"report {number} series"])
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "SR", number, "report"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

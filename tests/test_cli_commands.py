@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import niconv, rows_of, sha256, write_config
+from conftest import dicom_report, niconv, rows_of, sha256, write_config
 
-DICOM = "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
+# a DICOM object that is not an image (a structured report) is skipped, its SOP class named
+REPORT = "not an image: Basic Text SR Storage (1.2.840.10008.5.1.4.1.1.88.11); niconv converts image series"
+
+
+def report_label(number: int) -> str:
+    return f"series {number} SR 'report', 1 file"
 
 
 def fill(folder: Path, cohort: Path, names) -> Path:
@@ -98,10 +103,10 @@ def test_validate_of_a_good_config_counts_its_inputs(cohort, tmp_path, frozen_in
 
 
 def test_skipped_inputs_stay_skipped_in_plan_run_rerun_and_status(cohort, tmp_path, frozen_inputs):
-    frozen_inputs(fill(tmp_path / "in", cohort, ["dipy_aniso_vox.nii.gz", "nib_example4d.nii.gz",
-                                                 "pydicom_CT_small.dcm", "pydicom_MR_small.dcm"]))
+    inputs = fill(tmp_path / "in", cohort, ["dipy_aniso_vox.nii.gz", "nib_example4d.nii.gz"])
+    reports = [dicom_report(inputs / "sr1" / "report.dcm", 1).parent, dicom_report(inputs / "sr2" / "IM0001", 2).parent]
+    frozen_inputs(inputs)
     cfg = numpy_config(tmp_path)
-    dicoms = [tmp_path / "in" / "pydicom_CT_small.dcm", tmp_path / "in" / "pydicom_MR_small.dcm"]
 
     def assert_plan(done: int):
         plan = niconv("plan", cfg)
@@ -109,10 +114,10 @@ def test_skipped_inputs_stay_skipped_in_plan_run_rerun_and_status(cohort, tmp_pa
         states = {ln.split()[2]: ln.split()[1] for ln in plan.stdout.splitlines()}
         assert states == {str(tmp_path / "in" / "dipy_aniso_vox.nii.gz"): "done" if done else "pending",
                           str(tmp_path / "in" / "nib_example4d.nii.gz"): "done" if done else "pending",
-                          **{str(d): "skipped" for d in dicoms}}
-        for d in dicoms:
-            assert f"  skipped  {d} ({DICOM})\n" in plan.stdout
-        assert ".dcm ->" not in plan.stdout and "pydicom_CT_small.npz" not in plan.stdout
+                          **{str(d): "skipped" for d in reports}}
+        for i, d in enumerate(reports, 1):
+            assert f"  skipped  {d} [{report_label(i)}] ({REPORT})\n" in plan.stdout
+        assert "report.npz" not in plan.stdout
         assert plan.stderr == (f"niconv: 4 task(s): {2 - done} pending, {done} done, 0 failed earlier, "
                                "2 skipped\n")
 
@@ -126,15 +131,16 @@ def test_skipped_inputs_stay_skipped_in_plan_run_rerun_and_status(cohort, tmp_pa
                                              "failed_before": 0}
     assert_plan(done=2)
     table = list(csv.DictReader(io.StringIO(niconv("plan", cfg, "--csv").stdout)))
-    assert {r["input_path"]: (r["state"], r["output_path"]) for r in table if r["input_path"].endswith(".dcm")} == {
-        str(d): ("skipped", "") for d in dicoms}
+    assert {r["input_path"]: (r["state"], r["output_path"]) for r in table if "/sr" in r["input_path"]} == {
+        str(d): ("skipped", "") for d in reports}
     status = niconv("status", cfg)
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("4 tasks: 2 done, 0 failed, 0 pending, 2 skipped (1 log file(s) beside ")
 
 
 def test_files_per_second_counts_converted_files_only(cohort, tmp_path, frozen_inputs):
-    inputs = fill(tmp_path / "in", cohort, ["pydicom_CT_small.dcm", "pydicom_MR_small.dcm"])
+    inputs = tmp_path / "in"
+    dicom_report(inputs / "sr1" / "report.dcm", 1), dicom_report(inputs / "sr2" / "report.dcm", 2)
     (inputs / "cut.nii.gz").write_bytes((cohort / "dipy_aniso_vox.nii.gz").read_bytes()[:3000])
     frozen_inputs(inputs)
     cfg = numpy_config(tmp_path)
@@ -159,8 +165,8 @@ def test_files_per_second_counts_converted_files_only(cohort, tmp_path, frozen_i
 
 
 def test_progress_off_a_terminal_is_plain_lines_and_the_summary(cohort, tmp_path, frozen_inputs):
-    frozen_inputs(fill(tmp_path / "in", cohort, ["dipy_aniso_vox.nii.gz", "nib_example4d.nii.gz",
-                                                 "sct_t2s.nii.gz", "pydicom_MR_small.dcm"]))
+    inputs = fill(tmp_path / "in", cohort, ["dipy_aniso_vox.nii.gz", "nib_example4d.nii.gz", "sct_t2s.nii.gz"])
+    frozen_inputs(dicom_report(inputs / "report.dcm").parent)
     proc = niconv("run", numpy_config(tmp_path))  # stderr is a pipe, as in a log file or under a scheduler
     assert proc.returncode == 0
     assert "\r" not in proc.stderr + proc.stdout
@@ -173,8 +179,8 @@ def test_progress_lines_come_every_fraction_of_the_tasks(cohort, tmp_path, froze
     from niconv.config import load_config
     from niconv.scan import build_manifest
 
-    frozen_inputs(fill(tmp_path / "in", cohort, {f"s{i}.nii.gz": "dipy_aniso_vox.nii.gz" for i in range(7)}
-                       | {"x.dcm": "pydicom_MR_small.dcm"}))
+    inputs = fill(tmp_path / "in", cohort, {f"s{i}.nii.gz": "dipy_aniso_vox.nii.gz" for i in range(7)})
+    frozen_inputs(dicom_report(inputs / "x.dcm").parent)
     config = load_config(numpy_config(tmp_path))
     monkeypatch.setattr(runner, "PROGRESS_SECONDS", 0.0)
     monkeypatch.setattr(runner, "PROGRESS_FRACTION", 0.25)
@@ -274,8 +280,8 @@ def test_every_command_and_option_has_help(cohort):
 
 
 def test_run_verify_redoes_exactly_the_missing_and_changed_outputs(cohort, tmp_path, frozen_inputs):
-    frozen_inputs(fill(tmp_path / "in", cohort, ["dipy_aniso_vox.nii.gz", "nib_example4d.nii.gz",
-                                                 "sct_t2s.nii.gz", "pydicom_MR_small.dcm"]))
+    inputs = fill(tmp_path / "in", cohort, ["dipy_aniso_vox.nii.gz", "nib_example4d.nii.gz", "sct_t2s.nii.gz"])
+    frozen_inputs(dicom_report(inputs / "report.dcm").parent)
     cfg = numpy_config(tmp_path)
     out, log = tmp_path / "out", tmp_path / "out" / "niconv_log.csv"
     assert niconv("run", cfg, "--quiet").returncode == 0

@@ -1,8 +1,9 @@
-"""The codec layer: ISA-L .npz / .nii.gz writers and the one-shot libdeflate reader."""
+"""The codec layer (ISA-L .npz / .nii.gz writers, the one-shot libdeflate inflate) and the NIfTI reader on it."""
 from __future__ import annotations
 
 import gzip
 import io
+import mmap
 import os
 import struct
 import tracemalloc
@@ -14,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from niconv import codec
+from niconv import codec, nifti
 from niconv.errors import InputError, NiconvError, OutputError
 from niconv.volume import image_data, read_volume
 
@@ -32,6 +33,11 @@ def real(name: str) -> Path:
     if not path.is_file():
         pytest.skip(NO_DATA)
     return path
+
+
+def read_gz(path, size=None) -> bytearray:
+    """A gzip file inflated by :func:`niconv.codec.inflate`."""
+    return codec.inflate(Path(path).read_bytes(), str(path), size)
 
 
 def stored(name: str) -> np.ndarray:
@@ -325,7 +331,7 @@ def test_nifti_write_errors(tmp_path):
 @pytest.mark.parametrize("name", ["nib_example4d.nii.gz", "fs_brainmask.mgz", "bigbrain_labels.nii.gz"])
 def test_read_gz_bytes_equals_gzip(name):
     path = real(name)
-    out = codec.read_gz_bytes(path)
+    out = read_gz(path)
     assert isinstance(out, bytearray)
     assert out == gzip.decompress(path.read_bytes())
 
@@ -334,44 +340,42 @@ def test_read_gz_bytes_multi_member_and_trailing_empty_member(tmp_path):
     payload = gzip.decompress(real("nib_example4d.nii.gz").read_bytes())
     half = len(payload) // 2
     (tmp_path / "multi.gz").write_bytes(gzip.compress(payload[:half]) + gzip.compress(payload[half:]))
-    assert codec.read_gz_bytes(tmp_path / "multi.gz") == payload
+    assert read_gz(tmp_path / "multi.gz") == payload
     # two members of equal size: the last trailer's ISIZE matches the first member's
     (tmp_path / "same.gz").write_bytes(gzip.compress(payload[:half]) + gzip.compress(payload[half:2 * half]))
-    assert codec.read_gz_bytes(tmp_path / "same.gz") == payload[:2 * half]
+    assert read_gz(tmp_path / "same.gz") == payload[:2 * half]
     # bgzip-style: an empty member closes the file (ISIZE 0)
     (tmp_path / "bgzf.gz").write_bytes(gzip.compress(payload) + gzip.compress(b""))
-    assert codec.read_gz_bytes(tmp_path / "bgzf.gz") == payload
+    assert read_gz(tmp_path / "bgzf.gz") == payload
 
 
 def test_read_gz_bytes_size_beyond_the_stream_takes_the_streaming_path(tmp_path):
     path = real("dipy_aniso_vox.nii.gz")
     payload = gzip.decompress(path.read_bytes())
-    assert codec.read_gz_bytes(path, size=len(payload) + 1000) == payload
+    assert read_gz(path, size=len(payload) + 1000) == payload
 
 
 def test_read_gz_bytes_without_libdeflate(monkeypatch):
     path = real("nib_example4d.nii.gz")
     monkeypatch.setattr(codec, "_libdeflate", None)
     with pytest.warns(RuntimeWarning, match="'deflate' package is missing"):
-        out = codec.read_gz_bytes(path)
+        out = read_gz(path)
     assert out == gzip.decompress(path.read_bytes())
 
 
 def test_read_gz_bytes_errors(tmp_path):
-    with pytest.raises(InputError, match="file not found"):
-        codec.read_gz_bytes(tmp_path / "none.gz")
     (tmp_path / "text.gz").write_bytes(b"this is not gzip at all, just text")
     with pytest.raises(InputError, match="not a gzip file"):
-        codec.read_gz_bytes(tmp_path / "text.gz")
+        read_gz(tmp_path / "text.gz")
     blob = real("nib_example4d.nii.gz").read_bytes()
     (tmp_path / "cut.gz").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(InputError, match="truncated or not valid gzip"):
-        codec.read_gz_bytes(tmp_path / "cut.gz")
+    with pytest.raises(InputError, match="truncated or its compressed data is corrupt"):
+        read_gz(tmp_path / "cut.gz")
     broken = bytearray(blob)
     broken[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
     (tmp_path / "broken.gz").write_bytes(bytes(broken))
     with pytest.raises(InputError):
-        codec.read_gz_bytes(tmp_path / "broken.gz")
+        read_gz(tmp_path / "broken.gz")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +411,7 @@ GZ_NIFTIS = [p for p in NIFTIS if p.name.endswith(".nii.gz")]
 @pytest.mark.parametrize("path", GZ_NIFTIS, ids=[p.name for p in GZ_NIFTIS])
 def test_open_nifti_is_the_image_nib_load_gives(path):
     ref = nib.load(str(path))
-    image = codec.open_nifti(path)
+    image = nifti.open_nifti(path)
     assert type(image) is type(ref)
     assert image.header.binaryblock == ref.header.binaryblock
     assert image.header.extensions == ref.header.extensions
@@ -443,12 +447,17 @@ def test_nifti_from_bytes_swaps_big_endian_in_place(tmp_path):
     img = nib.load(str(real("nib_anatomical.nii")))
     assert img.get_data_dtype().byteorder == ">"
     codec.write_nifti_gz(img, tmp_path / "be.nii.gz")
-    raw = codec.read_gz_bytes(tmp_path / "be.nii.gz")
-    header, voxels = codec.nifti_from_bytes(raw)
-    assert voxels.dtype == np.dtype("int16") and voxels.dtype.isnative
-    assert np.shares_memory(voxels, np.frombuffer(raw, np.uint8))
-    assert np.array_equal(voxels, np.asanyarray(img.dataobj))
-    assert header.get_data_dtype() == np.dtype(">i2")
+    for path in (tmp_path / "be.nii.gz", real("nib_anatomical.nii")):
+        image = nifti.open_nifti(path)
+        voxels = image.dataobj.get_unscaled()
+        assert voxels.dtype == np.dtype("int16") and voxels.dtype.isnative
+        base = voxels
+        while isinstance(base, np.ndarray):
+            base = base.base
+        # a view of the inflated bytes, or of the .nii mapped copy-on-write, swapped in place
+        assert isinstance(getattr(base, "obj", base), (bytearray, mmap.mmap))
+        assert np.array_equal(voxels, np.asanyarray(img.dataobj))
+        assert image.header.get_data_dtype() == np.dtype(">i2")
 
 
 def test_open_nifti_errors(tmp_path):
@@ -456,15 +465,17 @@ def test_open_nifti_errors(tmp_path):
     payload = gzip.decompress(blob)
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(payload[: len(payload) // 2]))
     with pytest.raises(InputError, match="truncated"):
-        codec.open_nifti(tmp_path / "short.nii.gz")
+        nifti.open_nifti(tmp_path / "short.nii.gz")
     (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image" * 100))
     with pytest.raises(InputError, match="not a NIfTI"):
-        codec.open_nifti(tmp_path / "text.nii.gz")
+        nifti.open_nifti(tmp_path / "text.nii.gz")
     (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(InputError):
-        codec.open_nifti(tmp_path / "cut.nii.gz")
-    with pytest.raises(InputError, match="not a gzip-compressed NIfTI"):
-        codec.open_nifti(real("spm99_single_subj_T1.hdr"))
+        nifti.open_nifti(tmp_path / "cut.nii.gz")
+    with pytest.raises(nifti.NotNifti, match="not a NIfTI"):
+        nifti.open_nifti(real("spm99_single_subj_T1.hdr"))
+    with pytest.raises(InputError, match="file not found"):
+        nifti.open_nifti(tmp_path / "none.nii.gz")
 
 
 @pytest.mark.skipif(not GZ_NIFTIS, reason=NO_DATA)
@@ -495,6 +506,6 @@ def test_fast_reader_refuses_non_finite_scale_factors(tmp_path, field, value, wo
     path = tmp_path / "scaled.nii.gz"
     raw = bytearray(img.header.binaryblock) + b"\0" * 4 + np.arange(24, dtype=np.int16).tobytes(order="F")
     path.write_bytes(gzip.compress(bytes(raw)))
-    for read in (codec.open_nifti, read_volume):
+    for read in (nifti.open_nifti, read_volume):
         with pytest.raises(InputError, match=words):
             read(path)

@@ -76,8 +76,8 @@ def test_info_over_the_cohort_and_extra_describes_every_image(cohort, extra, fro
     errors = _errors(proc.stderr)
     dicom = {str(p) for p in files if p.suffix == ".dcm"}
     folders = {str(p) for p in files if p.is_dir()}
-    assert errors == {**{p: "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
-                         for p in dicom},
+    assert errors == {**{p: "a DICOM file: niconv converts DICOM series in a run (niconv plan lists them), "
+                            "not one file here" for p in dicom},
                       **{p: "is a folder, not an image file" for p in folders}}
     assert proc.returncode == 1
     assert list(_blocks(proc.stdout)) == [str(p) for p in files if str(p) not in errors]

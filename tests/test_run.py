@@ -40,9 +40,11 @@ convert:
 def test_cohort_run_converts_every_nibabel_file(cohort_run, cohort):
     work, proc = cohort_run
     assert proc.returncode == 0, proc.stderr
-    assert "16 converted" in proc.stdout and "29 skipped" in proc.stdout and "0 failed" in proc.stdout
-    rows = {r["input_path"]: r for r in rows_of(work / "out" / "niconv_log.csv")}
-    assert len(rows) == 16 + 29
+    # 16 nibabel images and 3 DICOM series (the 27-file Philips EPI, the CT and the MR file)
+    assert "19 converted" in proc.stdout and "0 skipped" in proc.stdout and "0 failed" in proc.stdout
+    all_rows = rows_of(work / "out" / "niconv_log.csv")
+    assert len(all_rows) == 16 + 3
+    rows = {r["input_path"]: r for r in all_rows if not r["details"].startswith('{"dicom"')}
     ok = {p: r for p, r in rows.items() if r["status"] == "ok"}
     assert len(ok) == 16
     r = ok[str(cohort / "nib_example4d.nii.gz")]
@@ -67,21 +69,21 @@ def test_cohort_run_converts_every_nibabel_file(cohort_run, cohort):
             assert np.array_equal(data, expected, equal_nan=data.dtype.kind == "f"), path
 
 
-def test_dicom_reported_skipped_with_reason(cohort_run, cohort):
+def test_dicom_series_are_converted_one_row_each(cohort_run, cohort):
     work, _ = cohort_run
-    rows = [r for r in rows_of(work / "out" / "niconv_log.csv") if r["input_path"].endswith(".dcm")]
-    assert len(rows) == 29
-    assert {r["status"] for r in rows} == {"skipped"}
-    assert all("DICOM is not supported" in r["error_message"] for r in rows)
+    rows = [r for r in rows_of(work / "out" / "niconv_log.csv") if r["details"].startswith('{"dicom"')]
+    assert sorted(json.loads(r["details"])["dicom"]["files"] for r in rows) == [1, 1, 27]
+    assert {r["status"] for r in rows} == {"ok"}
     assert not list((work / "out").rglob("*.dcm*"))
 
 
 def test_outputs_mirror_the_input_tree(cohort_run):
     work, _ = cohort_run
-    assert not (work / "out" / "dicom_philips_epi").exists()  # nothing converted there
+    # the series' files sit in dicom_philips_epi/: its output goes into the mirrored folder
+    assert [p.suffix for p in (work / "out" / "dicom_philips_epi").iterdir()] == [".npz"]
     assert (work / "out" / "spm99_single_subj_T1.npz").exists()
     record = json.loads((work / "out" / "niconv_log.run.json").read_text())
-    assert record["counts"]["converted"] == 16 and record["config"]["convert"]["to"] == "numpy"
+    assert record["counts"]["converted"] == 19 and record["config"]["convert"]["to"] == "numpy"
 
 
 def test_one_corrupt_file_costs_only_its_row(cohort, tmp_path):
@@ -157,6 +159,8 @@ def test_output_collision_is_reported_before_any_work(cohort, tmp_path):
     proc = niconv("run", cfg)
     assert proc.returncode == 2
     assert "would be written by more than one input" in proc.stderr and "a.npz" in proc.stderr
+    # mirror is already the layout: the advice is what helps
+    assert "use output.layout: mirror" not in proc.stderr and "exclude all but one" in proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.npz"))
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import logging
 
 import nibabel as nib
@@ -150,3 +152,23 @@ def test_nii_gz_output_is_deterministic(cohort, tmp_path):
     assert open(two, "rb").read() == first
     assert first[4:8] == b"\0\0\0\0"  # gzip MTIME field is 0
     assert gzip.decompress(first)[:4] == (540).to_bytes(4, "little")  # a NIfTI-2 reference gives NIfTI-2
+
+
+def test_numpy_to_nifti_round_trip_keeps_the_stored_affine(cohort, tmp_path):
+    # geometry: true stores the affine; the way back used to drop it for the identity
+    src = cohort / "dipy_aniso_vox.nii.gz"
+    ref = nib.load(str(src))
+    out = tmp_path / "cfg.yaml"
+    out.write_text(f"input: {{root: {cohort}, include: ['dipy_aniso_vox.nii.gz']}}\n"
+                   f"output: {{root: {tmp_path / 'arrays'}}}\nconvert: {{to: numpy, geometry: true}}\n")
+    assert subprocess.run([sys.executable, "-m", "niconv", "run", str(out)], capture_output=True).returncode == 0
+    npz = tmp_path / "arrays" / "dipy_aniso_vox.npz"
+    img = nib.load(numpy_to_nifti(npz, tmp_path / "back"))
+    assert np.allclose(img.affine, ref.affine, atol=1e-6)
+    assert np.array_equal(np.asanyarray(img.dataobj), np.asanyarray(ref.dataobj))
+    # a config affine still wins, and a broken stored affine is refused in words
+    img = nib.load(numpy_to_nifti(npz, tmp_path / "given", affine=np.diag([2.0, 2.0, 2.0, 1.0])))
+    assert np.allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    np.savez(tmp_path / "bad.npz", data=np.zeros((2, 3, 4), np.int16), affine=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"member 'affine' is not a 4x4 .* found shape \(3, 3\)"):
+        numpy_to_nifti(tmp_path / "bad.npz", tmp_path / "o")

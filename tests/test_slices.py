@@ -352,7 +352,8 @@ def test_rerun_with_fewer_slices_removes_stale_images(tmp_path):
     nifti_to_slices(path, tmp_path / "o", planes=["axial"])
     (tmp_path / "o" / "notes.txt").write_text("mine")
     files = nifti_to_slices(path, tmp_path / "o", planes=["axial"], slice_step=2)
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["notes.txt", "s_axial_0000.png", "s_axial_0002.png"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".niconv-outputs.json", "notes.txt",
+                                                                   "s_axial_0000.png", "s_axial_0002.png"]
     assert len(files) == 2
 
 

@@ -19,6 +19,8 @@ from .errors import ClusterError, ConfigError, LockError, LogError, NiconvError,
 from .manifest import TASKS_PER_SHARD, default_shards
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# far above any job array (SLURM's MaxArraySize is 1001 by default): a larger N is a typo
+MAX_SHARDS = 1_000_000
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -28,7 +30,19 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, found {text!r}") from None
     if n < 1 or not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"expected 0 <= I < N, found {text!r}")
+    if n > MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SHARDS} shards (N), found {text!r}")
     return i, n
+
+
+def _shard_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of shards, found {text!r}") from None
+    if not 1 <= n <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_SHARDS} shards, found {text!r}")
+    return n
 
 
 def add_command(subparsers, name: str, text: str, config: bool = False) -> argparse.ArgumentParser:
@@ -78,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add_command(sub, "submit", "run the shards of a config as SLURM job arrays", config=True)
     s.add_argument("--slurm", action="store_true", help="submit to SLURM with sbatch (the only scheduler so far)")
-    s.add_argument("--shards", type=int, metavar="N",
+    s.add_argument("--shards", type=_shard_count, metavar="N",
                    help=f"array tasks (default: cluster.slurm.shards, else one per {TASKS_PER_SHARD} inputs)")
     s.add_argument("--partition", metavar="P", help="sbatch --partition")
     s.add_argument("--time", metavar="T", help="sbatch --time per shard, e.g. 02:00:00")
@@ -199,10 +213,12 @@ def cmd_plan(args) -> int:
     p = plan(tasks, logged.rows, shard=args.shard)
     latest = latest_by_task(logged.rows)
     # why each skipped task is skipped: logged, or (never run) the reason the run will give
-    why = {t.task_id: latest[t.task_id]["error_message"].removeprefix(f"{t.input_path}: ") for t in p.skipped}
+    why = {t.task_id: latest[t.task_id]["error_message"].removeprefix(f"{t.input_path}: ")
+           .removeprefix(f"{t.series.label}: " if t.series is not None else "") for t in p.skipped}
     reads_images = {name: converters.get(name).inputs == "image" for name in {t.converter for t in p.pending}}
     why.update({t.task_id: reason for t in p.pending
-                if reads_images[t.converter] and (reason := skip_reason(t.input_path))})
+                if (reason := t.series.skip if t.series is not None else
+                    reads_images[t.converter] and skip_reason(t.input_path))})
     state = {t.task_id: "pending" for t in p.pending}
     state.update({t.task_id: "done" for t in p.done})
     state.update({t.task_id: "failed" for t in p.failed_before})
@@ -217,7 +233,8 @@ def cmd_plan(args) -> int:
     else:
         for t in shown:
             target = f"({why[t.task_id]})" if t.task_id in why else f"-> {t.output_path}"
-            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path} {target}")
+            series = f" [{t.series.label}]" if t.series is not None else ""  # a DICOM series: what it holds
+            print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path}{series} {target}")
         count = collections.Counter(state.values())
         print(f"niconv: {len(shown)} task(s): {count['pending']} pending, {count['done']} done, "
               f"{count['failed']} failed earlier, {count['skipped']} skipped", file=sys.stderr)
@@ -241,6 +258,7 @@ def cmd_init(args) -> int:
 
 def cmd_info(args) -> int:
     from .info import describe
+    from .text import first_line
 
     status = EXIT_OK
     for f in args.files:
@@ -250,7 +268,7 @@ def cmd_info(args) -> int:
             print(f"{f}: error: {exc.message}", file=sys.stderr, flush=True)
             status = EXIT_FAILED
         except Exception as exc:  # noqa: BLE001 - one file nibabel trips over costs only that file
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason given"
+            why = first_line(exc, empty="no reason given")
             print(f"{f}: error: cannot describe this file ({why})", file=sys.stderr, flush=True)
             status = EXIT_FAILED
     return status
@@ -367,11 +385,19 @@ def cmd_status(args) -> int:
 
 def cmd_merge(args) -> int:
     """``niconv merge CONFIG``: write the merged log; EXIT_OK once every task is done or skipped."""
+    from .config import load_config
+    from .lock import LOCK_FILE, run_lock
     from .runfiles import merge, status
+    from .scan import build_manifest
 
-    config, tasks = _load(args)
-    st = status(config, tasks)
-    path = merge(config, tasks, args.output)
+    config = load_config(args.config)
+    # --output takes the log's place in the plan's checks: never an input, absent, empty or a niconv log
+    checked = load_config(args.config, overrides={"log": os.path.abspath(args.output)}) if args.output else config
+    tasks = build_manifest(checked)
+    # the tree's lock: a run still appending rows would lose them under a replaced log
+    with run_lock(Path(config.output.root) / LOCK_FILE):
+        st = status(config, tasks)
+        path = merge(config, tasks, args.output)
     finished = st.done + st.skipped
     print(f"merged {finished + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
           + (f"; {st.failed} failed, {st.pending} pending" if not st.finished else "")

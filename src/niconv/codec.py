@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 import os
 import stat
 import struct
@@ -36,6 +35,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import InputError, NiconvError, OutputError
+from .text import first_line
 
 try:
     from isal import igzip as _igzip
@@ -50,12 +50,13 @@ except ImportError:  # pragma: no cover - deflate is a declared dependency
 
 __all__ = [
     "DEFAULT_LEVEL",
+    "write_npy",
     "write_npz",
     "write_nifti_gz",
-    "read_gz_bytes",
-    "nifti_from_bytes",
-    "open_nifti",
-    "StoredVoxels",
+    "inflate",
+    "gz_prefix",
+    "file_prefix",
+    "gzip_size",
 ]
 
 #: Default deflate level: ISA-L's level 2. On real MRI volumes (uint8 and int16)
@@ -71,9 +72,9 @@ _UNIX = 3  # ZipInfo.create_system; the default depends on the OS writing the fi
 # treats sizes as signed); members that may exceed it must be opened with force_zip64.
 _ZIP64_THRESHOLD = (1 << 31) - 1
 _CHUNK = 4 << 20  # bytes handed to the compressor per call: bounds the temporary output
-# deflate cannot compress better than about 1032:1: a header claiming more is corrupt,
-# and must not make us allocate its claim
-_MAX_DEFLATE_RATIO = 1100
+#: Deflate cannot compress better than about 1032:1: a header claiming more is corrupt,
+#: and must not make us allocate its claim.
+MAX_DEFLATE_RATIO = 1100
 #: Bytes a gzip stream may hold beyond the image its header describes (padding some
 #: writers add). A stream that goes on longer is refused after inflating this much more.
 TRAILING_SLACK = 1 << 20
@@ -197,7 +198,7 @@ def write_npz(path, arrays: Mapping[str, np.ndarray], compressed: bool = True, l
         raise
     except (OSError, ValueError, RuntimeError, struct.error, zlib.error) as exc:
         _remove_partial(path)
-        raise OutputError(where, f"cannot write .npz: {_first_line(exc)}") from exc
+        raise OutputError(where, f"cannot write .npz: {first_line(exc)}") from exc
 
 
 def _write_member(zf: zipfile.ZipFile, key: str, arr: np.ndarray, method: int, level: int) -> None:
@@ -405,19 +406,19 @@ def write_nifti_gz(image, path, level: int | None = None) -> None:
         raise
     except OSError as exc:
         _remove_partial(where)
-        raise OutputError(where, f"cannot write image: {_first_line(exc)}") from exc
+        raise OutputError(where, f"cannot write image: {first_line(exc)}") from exc
     except Exception as exc:  # nibabel raises many types for data it cannot store
         _remove_partial(where)
         raise OutputError(where, f"nibabel cannot write this image ({type(exc).__name__}: "
-                                 f"{_first_line(exc)})") from exc
+                                 f"{first_line(exc)})") from exc
 
 
 # ---------------------------------------------------------------------------------------------
 # .gz reading
 
 
-def read_gz_bytes(path, size: int | None = None) -> bytearray:
-    """Inflate a whole gzip file into one writable buffer.
+def inflate(comp, where: str, size: int | None = None) -> bytearray:
+    """Inflate gzip data (a whole ``.gz`` file's bytes) into one writable buffer.
 
     The usual path is one libdeflate call into a buffer of exactly the size
     the gzip trailer announces (ISIZE), about 1.5-2x faster than Python's
@@ -429,8 +430,10 @@ def read_gz_bytes(path, size: int | None = None) -> bytearray:
 
     Parameters
     ----------
-    path : str or path-like
-        A gzip file (``.nii.gz``, ``.mgz``, ...).
+    comp : bytes
+        The compressed file, as read (``.nii.gz``, ``.mgz``, ...).
+    where : str
+        The file name, for error messages.
     size : int, optional
         The bytes the caller needs, as the file's own header describes them
         (e.g. NIfTI ``vox_offset`` + voxel bytes). At most this many are
@@ -449,37 +452,16 @@ def read_gz_bytes(path, size: int | None = None) -> bytearray:
     Raises
     ------
     InputError
-        If the file cannot be read, is not gzip, is truncated or corrupt.
+        If the data is not gzip, is truncated or corrupt.
     OverlongStream
         With ``size``, if the stream holds more than ``size`` +
         :data:`TRAILING_SLACK` bytes.
     """
-    where = os.fspath(path)
-    comp = _read_file(where)
-    return _inflate(comp, where, size)
-
-
-def _read_file(where: str) -> bytes:
-    try:
-        with open(where, "rb") as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise InputError(where, "file not found") from exc
-    except OSError as exc:
-        raise InputError(where, f"cannot read: {_first_line(exc)}") from exc
-
-
-def _check_gzip(comp: bytes, where: str) -> None:
-    if len(comp) < 18 or comp[:3] != b"\x1f\x8b\x08":
-        raise InputError(where, "not a gzip file (bad magic bytes or too short)")
-
-
-def _inflate(comp: bytes, where: str, size: int | None = None) -> bytearray:
     _check_gzip(comp, where)
     crc, isize = struct.unpack("<II", comp[-8:])
     # a truncated or corrupt file has a garbage "trailer": never allocate more than
     # deflate can possibly expand to
-    cap = len(comp) * _MAX_DEFLATE_RATIO
+    cap = len(comp) * MAX_DEFLATE_RATIO
     if size is None:
         want, limit = min(isize, cap), None
     else:
@@ -502,6 +484,21 @@ def _inflate(comp: bytes, where: str, size: int | None = None) -> bytearray:
     # preallocate what the caller needs, or a trailer size that is plausible (a truncated
     # file's last bytes are arbitrary); without a size the buffer grows if the stream holds more
     return _inflate_stream(comp, where, want if limit is not None else min(isize, 32 * len(comp)), limit)
+
+
+def corrupt_stream(exc: BaseException) -> str:
+    """The words for compressed data that ends early or does not inflate, with the decoder's reason."""
+    return f"file is truncated or its compressed data is corrupt ({first_line(exc)})"
+
+
+def is_gzip(data) -> bool:
+    """True if ``data`` (a file's first bytes, at least 3) starts like a deflate gzip stream."""
+    return bytes(data[:3]) == b"\x1f\x8b\x08"
+
+
+def _check_gzip(comp, where: str) -> None:
+    if len(comp) < 18 or not is_gzip(comp):
+        raise InputError(where, "not a gzip file (bad magic bytes or too short)")
 
 
 def _inflate_stream(comp: bytes, where: str, size_hint: int, limit: int | None = None) -> bytearray:
@@ -539,10 +536,10 @@ def _inflate_stream(comp: bytes, where: str, size_hint: int, limit: int | None =
     except NiconvError:
         raise
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise InputError(where, f"file is truncated or not valid gzip ({_first_line(exc)})") from exc
+        raise InputError(where, corrupt_stream(exc)) from exc
     except Exception as exc:  # isal raises its own error type for corrupt streams
         if _isal is not None and isinstance(exc, _isal.error):
-            raise InputError(where, f"file is truncated or not valid gzip ({_first_line(exc)})") from exc
+            raise InputError(where, corrupt_stream(exc)) from exc
         raise
     return out
 
@@ -554,7 +551,8 @@ def _overlong(size: int, limit: int) -> str:
             "inflating it there (a decompression bomb, or a header whose dimensions are wrong)")
 
 
-def _gz_prefix(comp, n: int, where: str = "") -> bytes:
+
+def gz_prefix(comp, n: int, where: str = "") -> bytes:
     """The first ``n`` uncompressed bytes of gzip data (fewer if it is shorter), from its first 64 KiB.
 
     Raises
@@ -570,7 +568,7 @@ def _gz_prefix(comp, n: int, where: str = "") -> bytes:
         try:
             out += d.decompress(data, n - len(out))
         except zlib.error as exc:
-            raise InputError(where, f"file is truncated or not valid gzip ({_first_line(exc)})") from exc
+            raise InputError(where, corrupt_stream(exc)) from exc
         if not d.eof:
             break
         data = d.unused_data  # the next gzip member
@@ -599,263 +597,18 @@ def file_prefix(path, n: int) -> bytes:
         head = f.read(4096)  # a NIfTI header deflates to well under 1 kB
         if head[:2] != b"\x1f\x8b":
             return head[:n]
-        out = _gz_prefix(head, n, where)
+        out = gz_prefix(head, n, where)
         if len(out) < n and len(head) == 4096:  # a long gzip file name or comment comes first
-            out = _gz_prefix(head + f.read((1 << 16) - 4096), n, where)
+            out = gz_prefix(head + f.read((1 << 16) - 4096), n, where)
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# NIfTI reading
-
-
-def _nifti_class(prefix, where: str):
-    import nibabel as nib
-
-    if len(prefix) < 4:
-        raise InputError(where, "file is truncated: no NIfTI header")
-    sizes = {int.from_bytes(bytes(prefix[:4]), "little"), int.from_bytes(bytes(prefix[:4]), "big")}
-    if 348 in sizes:
-        return nib.Nifti1Image
-    if 540 in sizes:
-        return nib.Nifti2Image
-    raise InputError(where, "not a NIfTI-1 or NIfTI-2 file (sizeof_hdr is neither 348 nor 540)")
-
-
-def nifti_extent(prefix, where: str = "") -> tuple[int, tuple[int, ...], np.dtype]:
-    """Where a NIfTI file's voxels start, their shape and dtype, from the file's first bytes.
-
-    Parameters
-    ----------
-    prefix : bytes-like
-        The first uncompressed bytes of the file: at least the fixed header
-        (348 bytes for NIfTI-1, 540 for NIfTI-2).
-    where : str
-        The file name, for error messages.
-
-    Returns
-    -------
-    offset : int
-        Byte offset of the voxel data (``vox_offset``, at least the header's end).
-    shape : tuple of int
-        The dimensions the header gives, as Python integers (their product
-        cannot wrap around, whatever a corrupt header says).
-    dtype : numpy.dtype
-        The stored dtype, in the file's byte order.
-
-    Raises
-    ------
-    InputError
-        If the bytes are not a NIfTI-1/2 header, are too short, or give a
-        negative dimension or an unknown data type.
-    """
-    klass = _nifti_class(prefix, where)
-    hdr_class = klass.header_class
-    fixed = hdr_class.template_dtype.itemsize
-    if len(prefix) < fixed:
-        raise InputError(where, f"file is truncated: {len(prefix)} bytes, less than the {fixed}-byte header")
+def gzip_size(path) -> int | None:
+    """The size a gzip file's trailer announces (ISIZE: the uncompressed size modulo 2**32, of
+    the last member only), or None if the file cannot be read."""
     try:
-        header = hdr_class(bytes(prefix[:fixed]), check=False)
-        shape = tuple(int(n) for n in header.get_data_shape())
-        dtype = header.get_data_dtype()
-        offset = max(int(header["vox_offset"]), fixed + 4)
-    except Exception as exc:  # nibabel raises several types for a damaged header
-        raise InputError(where, f"invalid header: {_first_line(exc)}") from exc
-    if any(n < 0 for n in shape):
-        raise InputError(where, f"invalid header: negative dimension in {shape}")
-    return offset, shape, dtype
-
-
-def nifti_from_bytes(raw: bytearray, where: str = ""):
-    """Build a NIfTI image and a zero-copy view of its stored voxels from a file's bytes.
-
-    Parameters
-    ----------
-    raw : bytearray
-        The whole uncompressed ``.nii`` file (header, extensions, voxels), as
-        :func:`read_gz_bytes` returns it. Big-endian voxels are byte-swapped in
-        place, so ``raw`` is modified.
-    where : str
-        The file name, for error messages.
-
-    Returns
-    -------
-    header : nibabel.Nifti1Header or nibabel.Nifti2Header
-        The header with its extensions, as ``nib.load`` reads it (scale
-        factors still set).
-    stored : numpy.ndarray
-        The stored values, shape ``header.get_data_shape()``, Fortran order,
-        the header's dtype in native byte order: a view of ``raw``.
-
-    Raises
-    ------
-    InputError
-        If the bytes are not a single-file NIfTI-1/2 image or are too short for
-        the voxel data the header describes.
-    """
-    from nibabel.spatialimages import HeaderDataError
-
-    klass = _nifti_class(raw, where)
-    hdr_class = klass.header_class
-    fixed = hdr_class.template_dtype.itemsize
-    if len(raw) < fixed:
-        raise InputError(where, f"file is truncated: {len(raw)} bytes, less than the {fixed}-byte header")
-    try:
-        first = hdr_class(bytes(raw[:fixed]), check=False)
-        head_end = max(int(first["vox_offset"]), fixed + 4)
-        # a small copy of header + extensions only; the voxels stay in raw
-        header = hdr_class.from_fileobj(io.BytesIO(bytes(raw[:head_end])))
-    except (HeaderDataError, ValueError, struct.error) as exc:
-        raise InputError(where, f"invalid header: {_first_line(exc)}") from exc
-    if header["magic"] != hdr_class.single_magic:
-        raise InputError(where, f"header magic {bytes(header['magic'])!r} is not a single-file NIfTI")
-    dtype = header.get_data_dtype()
-    shape = header.get_data_shape()
-    offset = header.get_data_offset()
-    count = math.prod(int(n) for n in shape)  # Python ints: huge dimensions must not wrap around
-    if offset + count * dtype.itemsize > len(raw):
-        raise InputError(where, f"file is truncated: header says {'x'.join(map(str, shape))} voxels of {dtype} "
-                                f"({count * dtype.itemsize} bytes from offset {offset}), the file has "
-                                f"{max(len(raw) - offset, 0)} bytes of data")
-    stored = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
-    if not dtype.isnative and dtype.fields is None:
-        stored.byteswap(inplace=True)  # in place: no second copy for big-endian files
-        stored = stored.view(dtype.newbyteorder("="))
-    return header, stored.reshape(shape, order="F")
-
-
-class StoredVoxels:
-    """nibabel's array proxy interface over stored voxels already in memory.
-
-    The ``dataobj`` of an image opened by :func:`open_nifti`: like nibabel's
-    ``ArrayProxy`` it has ``shape``, ``dtype``, ``slope``, ``inter`` and
-    ``get_unscaled()`` (the stored array itself, no copy), and reading it as an
-    array (``np.asanyarray(image.dataobj)``) gives nibabel's scaled values.
-    """
-
-    is_proxy = True
-
-    def __init__(self, stored: np.ndarray, slope: float, inter: float):
-        self._stored = stored
-        self.slope = slope
-        self.inter = inter
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._stored.shape
-
-    @property
-    def ndim(self) -> int:
-        return self._stored.ndim
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._stored.dtype
-
-    def get_unscaled(self) -> np.ndarray:
-        """The stored values, shape ``(X, Y, Z[, T, ...])``, Fortran order, native byte order."""
-        return self._stored
-
-    def __array__(self, dtype=None, copy=None):
-        values = self._scaled(self._stored)
-        return values if dtype is None else values.astype(dtype, copy=False)
-
-    def __getitem__(self, key):
-        return self._scaled(self._stored[key])
-
-    def _scaled(self, stored: np.ndarray) -> np.ndarray:
-        from nibabel.volumeutils import apply_read_scaling
-
-        return apply_read_scaling(stored, self.slope, self.inter)  # unscaled: ``stored`` itself
-
-
-def open_nifti(path):
-    """Open a ``.nii.gz`` in one pass: one libdeflate call, one header parse, no ``nib.load``.
-
-    Parameters
-    ----------
-    path : str or path-like
-        A single-file NIfTI-1/2 image, gzip-compressed.
-
-    Returns
-    -------
-    nibabel.Nifti1Image or nibabel.Nifti2Image
-        Header, extensions and affine as ``nib.load`` gives them. Its
-        ``dataobj`` is a :class:`StoredVoxels` over the inflated buffer (the
-        stored values are a view of it, nothing is read twice) with the
-        header's scale factors; :func:`niconv.volume.image_data` turns it into
-        values as for any other image.
-
-    Raises
-    ------
-    InputError
-        If the file is missing, not gzip, not NIfTI, truncated, corrupt, or has
-        non-finite scale factors.
-    OverlongStream
-        If a ``.nii.gz`` stream goes on more than :data:`TRAILING_SLACK` bytes
-        past the image its header describes (nothing more is inflated).
-    """
-    where = os.fspath(path)
-    if not str(where).lower().endswith(".gz"):
-        raise InputError(where, "not a gzip-compressed NIfTI (.nii.gz)")
-    comp = _read_file(where)
-    offset, shape, dtype = nifti_extent(_gz_prefix(comp, 540, where), where)
-    size = offset + math.prod(shape) * dtype.itemsize
-    if size > len(comp) * _MAX_DEFLATE_RATIO:
-        raise InputError(where, f"header claims {size} bytes of image data but the compressed file has "
-                                f"only {len(comp)} bytes")
-    raw = _inflate(comp, where, size)
-    del comp
-    header, stored = nifti_from_bytes(raw, where)
-    klass = _nifti_class(raw, where)
-    check_scale_factors(float(header["scl_slope"]), float(header["scl_inter"]), where)
-    slope, inter = _slope_inter(header, where)
-    # the constructor keeps the header as is when the affine matches its best affine,
-    # and resets scl_slope/scl_inter as nib.load does (the proxy keeps them)
-    return klass(StoredVoxels(stored, slope, inter), header.get_best_affine(), header)
-
-
-def check_scale_factors(slope: float, inter: float, where: str) -> None:
-    """Refuse non-finite NIfTI scale factors, which nibabel silently reads as 'no scaling'.
-
-    ``slope`` and ``inter`` are the header's raw ``scl_slope`` and ``scl_inter``.
-    A NaN or infinite ``scl_slope`` means the header is damaged: the intended
-    scaling is unknown, so converting the stored integers would give wrong
-    values without a word. ``scl_slope == 0`` is the NIfTI-1 standard's "no
-    scaling", and both factors NaN is how nibabel marks an unscaled header, so
-    both pass.
-
-    Raises
-    ------
-    InputError
-        If ``scl_slope`` is not finite, or ``scl_inter`` is not finite while
-        ``scl_slope`` is set.
-    """
-    if np.isnan(slope) and np.isnan(inter):
-        return
-    if not np.isfinite(slope):
-        raise InputError(where, f"the scale factor scl_slope in the header is {slope}, not a finite number, "
-                                "so the voxel values cannot be computed (damaged header)")
-    if slope != 0 and not np.isfinite(inter):
-        raise InputError(where, f"the scale factor scl_inter in the header is {inter}, not a finite number, "
-                                "so the voxel values cannot be computed (damaged header)")
-
-
-def _slope_inter(header, where: str) -> tuple[float, float]:
-    from nibabel.spatialimages import HeaderDataError
-
-    try:
-        slope, inter = header.get_slope_inter()
-    except HeaderDataError as exc:
-        raise InputError(where, f"invalid scale factors: {_first_line(exc)}") from exc
-    # nibabel's rule: an unset (0 / NaN) slope means no scaling
-    slope = 1.0 if slope is None else float(slope)
-    inter = 0.0 if inter is None else float(inter)
-    if not (np.isfinite(slope) and np.isfinite(inter)):
-        raise InputError(where, f"scale factors are not finite (scl_slope={slope}, scl_inter={inter})")
-    return slope, inter
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", f.read(4))[0]
+    except OSError:
+        return None

@@ -24,6 +24,7 @@ from .manifest import TASKS_PER_SHARD
 from .paths import resolve_path
 from .qc import QcOptions, qc_options
 from .schema import ConfigModel, found, show, validated
+from .text import first_line
 
 
 #: A config is a few kB; a larger file is not one (and parsing megabytes of YAML takes minutes).
@@ -74,8 +75,28 @@ class OutputSpec(ConfigModel):
 
     root: Path
     layout: Literal["mirror", "flat"] = "mirror"
+    name: Optional[str] = Field(
+        None, description="output name of each DICOM series, a template of DICOM keywords such as "
+                          "'sub-{PatientID}/{SeriesNumber:03d}_{SeriesDescription}' (also {series_id}, {folder}); "
+                          "default '{folder}/{SeriesNumber:03d}_{SeriesDescription}_{series_id}' "
+                          "(without {folder}/ for layout: flat)")
 
     _root = field_validator("root", mode="before")(_required_path)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        from .dicom import check_template
+
+        return None if v is None else check_template(v)
+
+
+class DicomOptions(ConfigModel):
+    """``dicom:``: what DICOM series put into the log."""
+
+    metadata: Literal["basic", "identifying"] = Field(
+        "basic", description="basic: series-level fields only (modality, description, echo times, ...); "
+                             "identifying: also patient name, IDs, birth date, study date and institution")
 
 
 def _size(v: Any) -> Any:
@@ -119,7 +140,7 @@ class SlurmOptions(ConfigModel):
     Every field can be overridden on the command line (``--partition`` ...).
     """
 
-    shards: Optional[int] = Field(None, ge=1, description=f"array tasks; default one per {TASKS_PER_SHARD} inputs")
+    shards: Optional[int] = Field(None, ge=1, le=1_000_000, description=f"array tasks; default one per {TASKS_PER_SHARD} inputs")
     partition: Optional[str] = Field(None, description="sbatch --partition")
     time: Optional[str] = Field(None, description="sbatch --time per array task, e.g. '02:00:00' or '1-00:00:00'")
     mem: Optional[str] = Field(None, description="sbatch --mem per array task, e.g. '8G'")
@@ -217,6 +238,7 @@ class Config(ConfigModel):
     scheduler: Optional[str] = Field(None, description="Dask scheduler address, e.g. tcp://127.0.0.1:8786")
     cluster: ClusterOptions = Field(default_factory=ClusterOptions,
                                     description="cluster runs: SLURM arrays (slurm), Dask workers as SLURM jobs (jobqueue)")
+    dicom: DicomOptions = Field(default_factory=DicomOptions, description="DICOM series: what goes into the log")
     qc: QcOptions = Field(default_factory=QcOptions,
                           description="quality control: true (figures measured during run), or its options")
     source: Optional[Path] = Field(None, description="the config file (set by load_config)")
@@ -267,7 +289,7 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
     except RecursionError as exc:
         raise ConfigError(str(p), "not a config: lists or mappings nested too deeply to read") from exc
     except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(str(p), f"not valid YAML: {str(exc).splitlines()[0][:200]}") from exc
+        raise ConfigError(str(p), f"not valid YAML: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(str(p), f"expected a mapping of keys (input, output, convert, ...), found {type(data).__name__}")
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}

@@ -16,7 +16,10 @@ import numpy as np
 from nibabel.freesurfer.mghformat import MGHHeader
 
 from .errors import InputError, NiconvError
-from .volume import ARRAY_SUFFIXES, check_image, check_input_file, format_name, format_scale, open_image, voxel_axes
+from .ops.orientation import axcodes as axis_codes
+from .text import first_line, fmt_dtype
+from .volume import (ARRAY_SUFFIXES, check_image, check_input_file, format_name, format_scale, npy_header, open_image,
+                     voxel_axes)
 
 def describe(path: str, header: bool = False) -> str:
     """A readable summary of one file, for a person.
@@ -81,11 +84,6 @@ def _shape(shape) -> str:
     return str(tuple(int(n) for n in shape))
 
 
-def _dtype(dtype) -> str:
-    dt = np.dtype(dtype)
-    return dt.name if dt.fields is None else str(dt)
-
-
 def _range(values) -> str:
     """``0.5`` if all values are equal, else ``0.03 to 2.7``."""
     v = np.asarray(values, dtype=np.float64)
@@ -116,15 +114,15 @@ def _volume_lines(p: Path, img) -> list[str]:
     if scale:
         loaded = "complex64 (scaled)" if stored.kind == "c" else "float32 (scaled)"
     else:
-        loaded = _dtype(stored)
-    lines.append(_row("dtype", f"stored {_dtype(stored)}, loaded as {loaded}"))
+        loaded = fmt_dtype(stored)
+    lines.append(_row("dtype", f"stored {fmt_dtype(stored)}, loaded as {loaded}"))
     space, time = _units(img)
     zooms = [float(hdr.get_zooms()[i]) for i in axes]
     text = " x ".join(f"{z:g}" for z in zooms[:3]) + (f" {space}" if space else " (no unit in the header)")
     if len(zooms) > 3:
         text += ", " + ", ".join(f"{z:g}" for z in zooms[3:]) + (f" {time}" if time else " (no unit)")
     lines.append(_row("zooms", text))
-    axcodes = "".join(c or "?" for c in nib.aff2axcodes(img.affine))
+    axcodes = axis_codes(img.affine)
     nifti = isinstance(hdr, nib.Nifti1Header)
     if nifti and int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
         orientation = ("no transform (qform and sform codes 0): the file does not say where the voxels are; "
@@ -262,7 +260,7 @@ def _afni_fields(hdr) -> list[str]:
 
 
 def _cifti_lines(img) -> list[str]:
-    lines = [_row("shape", _shape(img.shape)), _row("dtype", _dtype(img.get_data_dtype()))]
+    lines = [_row("shape", _shape(img.shape)), _row("dtype", fmt_dtype(img.get_data_dtype()))]
     intent, _params, name = img.nifti_header.get_intent()
     lines.append(_row("intent", intent + (f" ({name})" if name and name != intent else "")))
     for i in range(len(img.shape)):
@@ -287,7 +285,7 @@ def _gifti_lines(img) -> list[str]:
     lines = [_row("arrays", str(len(img.darrays)))]
     kinds: dict[str, int] = {}
     for d in img.darrays:
-        kind = (f"{intent_codes.label.get(d.intent, d.intent)}, {_dtype(data_type_codes.dtype[d.datatype])} "
+        kind = (f"{intent_codes.label.get(d.intent, d.intent)}, {fmt_dtype(data_type_codes.dtype[d.datatype])} "
                 f"{_shape(d.dims)}")
         kinds[kind] = kinds.get(kind, 0) + 1
     lines += [_row("array", f"{n} x {kind}" if n > 1 else kind) for kind, n in kinds.items()]
@@ -317,8 +315,8 @@ def _array_lines(p: Path) -> list[str]:
     try:
         if p.name.lower().endswith(".npy"):
             with open(p, "rb") as f:
-                shape, dtype = _npy_header(f)
-            lines = [_row("format", "NumPy .npy"), _row("shape", _shape(shape)), _row("dtype", _dtype(dtype))]
+                shape, dtype = npy_header(f)
+            lines = [_row("format", "NumPy .npy"), _row("shape", _shape(shape)), _row("dtype", fmt_dtype(dtype))]
             if dtype.hasobject:
                 lines.append(_row("converts", "no: the array holds Python objects, which niconv never unpickles"))
             return lines
@@ -331,26 +329,14 @@ def _array_lines(p: Path) -> list[str]:
                     lines.append(_row(f"[{key}]", "not a NumPy array"))
                     continue
                 with z.open(name) as f:
-                    shape, dtype = _npy_header(f)
+                    shape, dtype = npy_header(f)
                 value = ""
                 if shape == () and dtype.kind in "biuf":
                     with z.open(name) as f:
                         value = f" = {np.lib.format.read_array(f, allow_pickle=False).item():g}"
-                lines.append(_row(f"[{key}]", f"shape {_shape(shape)}, dtype {_dtype(dtype)}{value}"))
+                lines.append(_row(f"[{key}]", f"shape {_shape(shape)}, dtype {fmt_dtype(dtype)}{value}"))
             return lines
     except InputError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else "damaged file"
-        raise InputError(str(p), f"not a readable NumPy file ({why})") from exc
-
-
-def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from a ``.npy`` header (the data is not read)."""
-    fmt = np.lib.format
-    version = fmt.read_magic(f)
-    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-    if read is None:
-        raise ValueError(f".npy format version {version[0]}.{version[1]}, which niconv does not read")
-    shape, _fortran, dtype = read(f)
-    return shape, dtype
+        raise InputError(str(p), f"not a readable NumPy file ({first_line(exc, empty='damaged file')})") from exc

@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .errors import LockError, OutputError
 from .processes import alive
-from .errors import LockError
+from .writers import open_own
 
 try:
     import fcntl
@@ -150,10 +151,7 @@ def _hold_by_flock(p: Path, shard, me: dict, held: contextlib.ExitStack) -> str:
 def _flocked(p: Path, how: int, on_busy) -> int:
     """An open descriptor of ``p`` holding ``flock(how)``."""
     for _ in range(20):
-        try:
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise _cannot_create(p, exc) from exc
+        fd = _open_lock(p, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -174,6 +172,16 @@ def _flocked(p: Path, how: int, on_busy) -> int:
             return fd
         os.close(fd)
     raise LockError(str(p), "could not take the lock (it keeps changing hands)")
+
+
+def _open_lock(p: Path, flags: int) -> int:
+    """Open a lock file, never through a link (an input could be behind it)."""
+    try:
+        return open_own(p, flags)
+    except OutputError as exc:
+        raise LockError(str(p), exc.message) from exc
+    except OSError as exc:
+        raise _cannot_create(p, exc) from exc
 
 
 def _shared_with_token(p: Path) -> tuple[int, str]:
@@ -228,7 +236,11 @@ def _hold_by_file(p: Path, shard, me: dict, held: contextlib.ExitStack) -> str:
     info = _read(p) or {}
     if not _TOKEN.fullmatch(str(info.get("token"))):  # a lock file of an older niconv
         info = {"token": secrets.token_hex(8)}
-        p.write_text(json.dumps(info))
+        fd = _open_lock(p, os.O_RDWR)
+        try:
+            _write_fd(fd, info)
+        finally:
+            os.close(fd)
     return info["token"]
 
 
@@ -240,6 +252,7 @@ def _acquire_by_file(p: Path, me: dict) -> None:
         except FileExistsError:
             owner = _read(p)
             if not _live(owner, me):
+                os.close(_open_lock(p, os.O_RDONLY))  # a link there is not ours to remove
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()  # stale: its process is gone
                 continue

@@ -16,11 +16,9 @@ import csv
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Iterable
-
-import numpy as np
 
 STATUSES = ("ok", "failed", "skipped")
 # How log files are read and written: undecodable bytes of a file name pass through unchanged.
@@ -32,9 +30,9 @@ class TaskResult:
     """The outcome of one task: one CSV log row.
 
     Shapes are written ``128x96x24x2``, zooms ``2x2x2.2x2000``, dtypes as NumPy
-    names, axis codes as ``LAS``; paths are absolute. ``details`` is a JSON
-    object of converter-specific provenance (window used, spacing after
-    resampling, ...).
+    names (:mod:`niconv.text`), axis codes as ``LAS``; paths are absolute.
+    ``details`` is a JSON object of converter-specific provenance (window used,
+    spacing after resampling, ...).
     """
 
     task_id: str
@@ -61,27 +59,6 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TaskResult))
 # A header names at least the columns resume and verify read (up to sha256); more may follow ours.
 _MIN_HEADER = COLUMNS.index("sha256") + 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def fmt_shape(shape: Iterable) -> str:
-    """``(128, 96, 24)`` -> ``128x96x24``."""
-    return "x".join(str(int(s)) for s in shape)
-
-
-def fmt_dtype(dtype) -> str:
-    """NumPy dtype name (``int16``); NIfTI's RGB24/RGBA32 structured dtypes as ``rgb24``/``rgba32``."""
-    dt = np.dtype(dtype)
-    if dt.fields is None:
-        return dt.name
-    names = "".join(dt.names).lower()
-    if names in ("rgb", "rgba") and all(dt.fields[n][0] == np.uint8 for n in dt.names):
-        return "rgb24" if names == "rgb" else "rgba32"
-    return str(dt)
-
-
-def fmt_zooms(zooms: Iterable) -> str:
-    """``(2.0, 2.0, 2.2, 2000.0)`` -> ``2x2x2.2x2000`` (6 significant digits)."""
-    return "x".join(f"{float(z):.6g}" for z in zooms)
 
 
 class CsvLog:
@@ -187,7 +164,8 @@ def read_log(path: str | os.PathLike) -> LogContents:
     LogContents
     """
     try:
-        text = Path(path).read_bytes().decode(ENCODING, ERRORS)
+        # a spreadsheet program saving the log may put a byte-order mark before the header
+        text = Path(path).read_bytes().decode(ENCODING, ERRORS).removeprefix("\ufeff")
     except FileNotFoundError:
         return LogContents()
     *lines, cut = text.split("\n")
@@ -270,8 +248,3 @@ def write_run_record(path: str | os.PathLike, record: dict) -> None:
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-
-
-def result_dict(result: TaskResult) -> dict:
-    """A :class:`TaskResult` as a plain dict."""
-    return asdict(result)

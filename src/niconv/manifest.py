@@ -10,6 +10,7 @@ import hashlib
 import heapq
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,41 @@ TASKS_PER_SHARD = 50
 
 
 @dataclass(frozen=True)
+class Series:
+    """The DICOM series a task converts: every file of one SeriesInstanceUID.
+
+    Attributes
+    ----------
+    files : tuple of str
+        Absolute paths of the series' files, sorted; they may lie in several folders.
+    label : str
+        How messages and ``niconv plan`` name the series: its number, modality,
+        description and file count (``series 201 MR 'EPI_asc', 27 files``).
+    stem : str
+        The output name of the series without the converter's extension (the
+        name template filled in); split outputs add dcm2niix's postfix to it.
+    metadata : tuple of (str, object)
+        Series-level header values for the log (DICOM keyword, value; tuples
+        for multi-valued fields): identifying ones only when the config opts in.
+    skip : str
+        Why the series is not converted (a non-image object such as a
+        structured report); its row is ``skipped`` with this reason.
+    problem : str
+        Why it cannot be converted (a file that is not DICOM, mixed image
+        sizes); its row is ``failed`` with this reason.
+    """
+
+    files: tuple[str, ...]
+    label: str
+    stem: str
+    metadata: tuple[tuple[str, Any], ...] = ()
+    skip: str = ""
+    problem: str = ""
+
+
+@dataclass(frozen=True)
 class Task:
-    """One conversion of one input file.
+    """One conversion of one input: a file, or a DICOM series (``series``).
 
     Attributes
     ----------
@@ -34,7 +68,8 @@ class Task:
     converter : str
         Registered converter name (``numpy``, ``nifti``, ``slices``, ``preprocess``).
     input_path : str
-        Absolute path of the input file.
+        Absolute path of the input file; for a DICOM series, the folder holding
+        its files (the deepest folder common to all of them).
     rel_path : str
         Input path relative to its input root, POSIX separators.
     output_path : str
@@ -49,6 +84,9 @@ class Task:
     label_map : bool
         The input matches ``input.label_maps``: converters keep its values
         (nearest neighbour, no window, no intensity step).
+    series : Series or None
+        The DICOM series this task converts (its files, names, metadata);
+        None for a task of one input file.
     qc : bool
         Measure the volume's QC figures after converting it (``qc: true``), into ``details``.
     """
@@ -62,6 +100,7 @@ class Task:
     pairs: tuple[tuple[str, str | None], ...] = ()
     bytes_in: int = 0
     label_map: bool = False
+    series: Series | None = None
     qc: bool = False
 
     def pair(self, role: str) -> str | None:
@@ -89,13 +128,29 @@ def task_id(identity: dict, converter: str, options: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (an input's content identity, an output's digest).
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:
     """The shard number of each task of a manifest, in manifest order.
 
     Tasks are assigned greedily, largest first, to the shard with the fewest
     bytes so far (ties: lowest shard number, then manifest order). Deterministic:
     every shard computes the same split. O(n log n), so a thousand shards of a
-    large manifest cost one pass, not one pass per shard.
+    large manifest cost one pass, not one pass per shard, and a shard count far
+    above the task count allocates nothing per shard (those shards are empty).
 
     Raises
     ------
@@ -104,7 +159,9 @@ def shard_owners(tasks: tuple[Task, ...], count: int) -> tuple[int, ...]:
     """
     if count < 1:
         raise ValueError(f"shard count {count}: expected N >= 1")
-    heap = [(0, s) for s in range(count)]  # (bytes so far, shard): pops the lightest, lowest number on ties
+    # (bytes so far, shard): pops the lightest, lowest number on ties. Shards past the task count
+    # would never be popped before an empty lower one, so they are left out: N costs nothing
+    heap = [(0, s) for s in range(min(count, len(tasks)))]
     owner = [0] * len(tasks)
     for i in sorted(range(len(tasks)), key=lambda i: (-tasks[i].bytes_in, i)):
         load, s = heapq.heappop(heap)

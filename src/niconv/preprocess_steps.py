@@ -34,7 +34,7 @@ from pydantic import (BaseModel, BeforeValidator, Field, SerializeAsAny, Validat
 from .ops import crop as crop_ops
 from .ops import intensity as iops
 from .ops import resample as rs
-from .ops.orientation import axcodes, reorient
+from .ops.orientation import axcodes, reorient, spacing_of
 from .schema import ConfigModel, did_you_mean, found
 
 CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "uint16", "int16", "int32", "uint32")
@@ -428,7 +428,7 @@ class Resample(Step):
         grid = rs.grid_for_spacing if p.spacing is not None else rs.grid_for_shape
         new_shape, new_affine, factors = grid(arr.shape[1:], affine,
                                               p.spacing if p.spacing is not None else p.shape)
-        info = {"shape": list(new_shape), "spacing": list(rs.spacing_of(new_affine))}
+        info = {"shape": list(new_shape), "spacing": list(spacing_of(new_affine))}
         if tuple(new_shape) == arr.shape[1:] and np.all(factors == 1.0):
             return Arrays(arr, new_affine, label), {**info, "unchanged": True}  # already on the grid: no copy
         out = np.empty((arr.shape[0],) + tuple(new_shape), dtype=arr.dtype if p.order == 0 else np.float32)

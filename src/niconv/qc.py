@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional, Union
 import numpy as np
 from pydantic import Field, field_validator
 
-from .log import fmt_dtype
+from .text import fmt_dtype
 from .schema import ConfigModel
 
 #: Bump when :func:`measure` changes what it records, so cached figures are measured again.
@@ -499,14 +499,16 @@ def check_table() -> str:
 
 def volume_path(converter: str, input_path: str, output_path: str) -> str | None:
     """The image a task is about: its input, or for a converter that reads arrays (``nifti``)
-    the image it wrote; None when there is none."""
+    or a DICOM series (a folder of files) the image it wrote; None when there is none."""
+    import os
+
     from . import converters
 
     try:
         reads_images = converters.get(converter).inputs == "image"
     except (KeyError, ModuleNotFoundError):
         reads_images = True
-    if reads_images:
+    if reads_images and not os.path.isdir(input_path):
         return input_path
     return output_path if output_path.lower().endswith((".nii", ".nii.gz")) else None
 

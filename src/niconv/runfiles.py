@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 from . import converters
 from .log import COLUMNS, latest_by_task, open_log, read_log
 from .manifest import Task, shard_owners
-from .writers import TEMP_PREFIX, atomic_output
+from .writers import atomic_output, output_files
 
 # Latest statuses of a finished task (nothing left to do for it).
 DONE = ("ok", "skipped")
@@ -90,20 +91,38 @@ def outputs_intact(row: dict, task: Task | None = None) -> bool:
 
     ``bytes_out`` counts every file a task wrote: with its ``task``, the sizes of
     all of them (``Converter.output_paths``: a preprocessed image and its label
-    map beside it) are added up; without, the row's ``output_path`` alone.
+    map beside it) are added up; without, the row's ``output_path`` alone. A
+    row that lists its outputs (a DICOM series: an image and its sidecars, or
+    one image per echo) counts those (:func:`listed_outputs`).
     """
     if row.get("status") == "skipped":
         return True  # nothing was written; the unchanged input would be skipped again
-    paths = converters.get(task.converter).output_paths(task) if task is not None else (row.get("output_path") or "",)
+    paths = listed_outputs(row, task)
+    if paths is None:
+        paths = converters.get(task.converter).output_paths(task) if task is not None else (row.get("output_path") or "",)
     try:
         return sum(_size(Path(p)) for p in paths) == int(row.get("bytes_out") or -1)
     except (OSError, ValueError):
         return False
 
 
+def listed_outputs(row: dict, task: Task | None = None) -> tuple[str, ...] | None:
+    """The outputs a log row lists in its ``details`` (``outputs``: names relative to the
+    folder of ``output_path``), as paths in that folder (of the ``task``'s output, when
+    given); None when the row lists none (one output, or a converter's known set)."""
+    try:
+        listed = json.loads(row.get("details") or "{}").get("outputs")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        return None
+    folder = Path(task.output_path if task is not None else row.get("output_path") or "").parent
+    return tuple(str(folder / name) for name in listed)
+
+
 def _size(path: Path) -> int:
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+        return sum(p.stat().st_size for p in output_files(path))
     return path.stat().st_size
 
 

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, converters, dispatch
+from . import __version__, codec, converters, dispatch
 from .config import Config
 from .dask_backend import dask_backend
 from .limits import available_memory, cap_jobs
 from .lock import LOCK_FILE, run_lock
 from .log import CsvLog, latest_by_task, read_log, write_run_record
 from .manifest import Task, shard as shard_tasks
-from .runfiles import outputs_intact, run_record_path, shard_log_path
+from .runfiles import listed_outputs, outputs_intact, run_record_path, shard_log_path
 from .volume import image_bytes
 from .writers import WriteScope, remove_stale_temps
 
@@ -92,14 +92,17 @@ class RunSummary:
 
 def output_problem(row: dict) -> str | None:
     """What is wrong with the output an ``ok`` log row records: ``"missing"``, ``"unreadable"``,
-    or ``"differs"`` (its sha256 is not the recorded one; every file of an output folder is
-    re-hashed); None if it matches."""
+    or ``"differs"`` (its sha256 is not the recorded one; every file of an output folder, and
+    every output a row lists, is re-hashed); None if it matches."""
     from .worker import digest_outputs
+    from .writers import output_files
 
     out = Path(row["output_path"])
-    if not out.exists():
+    listed = listed_outputs(row)
+    entries = [Path(p) for p in listed] if listed is not None else [out]
+    if not all(p.exists() for p in entries):
         return "missing"
-    files = tuple(str(p) for p in sorted(out.rglob("*")) if p.is_file()) if out.is_dir() else (str(out),)
+    files = tuple(str(f) for p in entries for f in (output_files(p) if p.is_dir() else (p,)))
     try:
         _, digest = digest_outputs(out, files)
     except OSError:
@@ -174,11 +177,11 @@ def _uncompressed_bytes(task: Task) -> int:
     if path.lower().endswith(".gz"):
         try:
             size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                isize = int.from_bytes(f.read(4), "little")
         except OSError:
             return 0  # the task itself will report the problem
+        isize = codec.gzip_size(path)
+        if isize is None:
+            return 0
         # ISIZE is the size mod 4 GiB: below the compressed size it has wrapped
         while isize < size:
             isize += 2 ** 32
@@ -289,10 +292,13 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
         # workers write only under the real output root; temporary names carry the tree's token
         scope = WriteScope(os.path.realpath(config.output.root), token)
-        input_roots = [os.path.realpath(r) for r in config.input.root]
+        # trees niconv reads: an input root, or a folder of references or label maps, inside the output tree
+        read_roots = [os.path.realpath(r) for r in config.input.root] + [
+            os.path.realpath(root) for _, root, _ in converters.get(config.convert.to).pairs(config.convert).values()
+            if root is not None]
 
         def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
-            remove_stale_temps(scope, input_roots)
+            remove_stale_temps(scope, read_roots)
 
         logged = read_log(log_path)
         todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
@@ -478,9 +484,14 @@ def _record(config: Config, tasks, summary: RunSummary, started: float, jobs: in
     iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
     resolved = config.model_dump(mode="json")
     resolved.update(log=str(config.log_path), jobs=jobs, backend=backend)  # the defaults this run used
+    found = versions()
+    if any(t.series is not None for t in tasks):  # the DICOM engine shapes these outputs
+        from .dicom import versions as dicom_versions
+
+        found.update(dicom_versions())
     return {
         "config": resolved,
-        "versions": versions(),
+        "versions": found,
         "manifest_hash": manifest_hash(tasks),
         "tasks": len(tasks),
         "shard": list(shard) if shard else None,

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 from . import converters
 from .errors import ConfigError, ScanError
-from .lock import LOCK_FILE
+from .lock import FULL_RUN_FILE, LOCK_FILE
 from .log import STATUSES, read_rows
 from .manifest import Task
 from .paths import within
@@ -42,6 +42,8 @@ SHOW = 5
 RECORD_MAX_BYTES = 1 << 24
 
 _TASK_ID = re.compile(r"[0-9a-f]{16}")
+# a byte-order mark, as a spreadsheet program saving the log as UTF-8 puts it
+BOM = b"\xef\xbb\xbf"
 
 
 class _Real:
@@ -148,15 +150,19 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
         files.setdefault(shard_log, ("a shard's log", _log_problem))
     for path in list(files):
         files[run_record_path(path)] = ("the run record" if path == log else "a shard's run record", _record_problem)
-    files[Path(config.output.root) / LOCK_FILE] = ("the output tree's lock file", _lock_problem)
+    root = Path(config.output.root)
+    files[root / LOCK_FILE] = ("the output tree's lock file", _lock_problem)
+    for lock in sorted(root.glob(".niconv.shard-*-of-*.lock")) + [root / FULL_RUN_FILE]:
+        files[lock] = ("a run's lock file", _lock_problem)
     found = {}
     for path, (what, problem) in files.items():
-        key = "output.root" if path.name == LOCK_FILE else "log"
+        key = "output.root" if path.name.endswith(".lock") else "log"
         r = real(path)
-        if r in sources:
+        why = problem(path) if os.path.lexists(path) else None
+        # a link planted at the name is the problem to name, not the input behind it
+        if r in sources and not (why and os.path.islink(path)):
             raise ConfigError(str(path), f"{what} (config key '{key}') is an input of this run; niconv never "
                                          f"writes its inputs: set '{key}' to a path outside the input trees")
-        why = problem(path) if os.path.lexists(path) else None
         if why:
             raise ConfigError(str(path), f"{what} (config key '{key}') exists and {why}; niconv writes only "
                                          f"files it made: move that file, or set '{key}' to another path")
@@ -170,6 +176,8 @@ def is_niconv_log(first_line: bytes) -> bool:
         fields = next(csv.reader([first_line.decode("utf-8")]), [])
     except (UnicodeDecodeError, csv.Error):
         return False
+    if not fields:
+        return False
     if fields[:2] == ["task_id", "status"]:
         return True
     return len(fields) >= 2 and bool(_TASK_ID.fullmatch(fields[0])) and fields[1] in STATUSES
@@ -181,9 +189,13 @@ def _log_problem(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             first = f.readline(1 << 16)
+            following = f.read(1 << 16).splitlines()[:-1]  # whole lines only
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
-    if not first or is_niconv_log(first):
+    if not first or is_niconv_log(first.removeprefix(BOM)):
+        return None
+    # a damaged first line (NUL bytes, cut short): still niconv's when a line after it is a log row
+    if any(is_niconv_log(line) for line in following):
         return None
     return (f"is not a niconv log: expected the header 'task_id,status,...' or a log row, found "
             f"{_shorten(first)}")
@@ -203,8 +215,13 @@ def _record_problem(path: Path) -> str | None:
 
 
 def _lock_problem(path: Path) -> str | None:
+    # niconv makes its lock files itself: never a link to somewhere else
+    if path.is_symlink():
+        return f"is a symbolic link (to {os.readlink(path)})"
     if not path.is_file():
         return "is not a regular file"
+    if path.stat().st_nlink > 1:
+        return f"is a hard link ({path.stat().st_nlink} names)"
     try:
         text = path.read_bytes()[:1 << 16]
         info = json.loads(text) if text.strip() else {}

@@ -7,20 +7,25 @@ output root (:func:`niconv.safety.check_plan`). Files that pair with an input
 (a reference image, a label map) are found by pattern (a glob or a list of
 patterns, first match wins; never the input itself) and are not converted on
 their own. Inputs matching ``input.label_maps`` are marked as label maps.
+
+DICOM files are recognised by content, whatever their names, and grouped into
+series by SeriesInstanceUID (:mod:`niconv.dicom`): one task per series, named
+by ``output.name``. Without ``input.include``, every file that is not of a
+known image or array type is looked at (its first 132 bytes); with it, the
+files it matches.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from wcmatch import glob as wglob
 
-from . import converters
+from . import converters, dicom
 from .config import Config
 from .errors import OutputError, ScanError
-from .manifest import Task, task_id
+from .manifest import Series, Task, file_sha256, task_id
 from .paths import inside
 from .safety import check_plan, show_some
 from .volume import ARRAY_SUFFIXES, IMAGE_SUFFIXES, image_stem
@@ -64,12 +69,15 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     roles = conv.pairs(options)
     scanned = _matcher(include, exclude)
     label_maps = _matcher(config.input.label_maps, []) if config.input.label_maps else (lambda rel: False)
+    # without include globs, any file may be DICOM (names such as .IMA, or none): those not excluded are looked at
+    maybe_dicom = None if config.input.include else _matcher(["**"], exclude)
 
     found: list[tuple[Path, str]] = []
     for root in config.input.root:
         if not root.is_dir():
             raise ScanError("input.root", f"expected an existing folder, found {'a file' if root.exists() else 'nothing'} at {root}")
-        found.extend((root, rel) for rel in _walk(root, scanned, out_root))
+        found.extend((root, rel) for rel in _walk(root, scanned, out_root, maybe_dicom))
+    found, series = _dicom_series(config, found, scanned)
 
     # a file that is another input's pair (its label map, its reference) is not an input itself
     paired: set[str] = set()
@@ -126,11 +134,20 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
             label_map=label_map,
             qc=config.qc.run,
         ))
+    for found_series in series:
+        task = _series_task(config, conv, found_series)
+        owners[task.output_path].append(f"{task.input_path} ({task.series.label})")
+        sources.extend(task.series.files)
+        tasks.append(task)
     clashes = {out: srcs for out, srcs in owners.items() if len(srcs) > 1}
     if clashes:
         lines = [f"{out} <- {', '.join(srcs)}" for out, srcs in sorted(clashes.items())]
+        fix = ("use output.layout: mirror, or exclude all but one of them with input.exclude"
+               if config.output.layout == "flat" else
+               "their names differ only in the extension, or several input roots hold the same relative path: "
+               "exclude all but one of them with input.exclude, or convert the roots with separate configs")
         raise ScanError("output", f"{len(clashes)} output(s) would be written by more than one input "
-                                  f"(use output.layout: mirror, or exclude one of them):\n  " + "\n  ".join(lines))
+                                  f"({fix}):\n  " + "\n  ".join(lines))
     tasks = tuple(tasks)
     check_plan(config, tasks, sources, scanned)
     return tasks
@@ -144,8 +161,8 @@ def _matcher(include: list[str], exclude: list[str]):
     return lambda rel: bool(included.match(rel)) and not (excluded and excluded.match(rel))
 
 
-def _walk(root: Path, scanned, out_root: Path):
-    """Relative POSIX paths under ``root`` that ``scanned`` takes, sorted."""
+def _walk(root: Path, scanned, out_root: Path, maybe_dicom=None):
+    """Relative POSIX paths under ``root`` that ``scanned`` takes (or, files only, ``maybe_dicom``), sorted."""
     out_id = _folder_id(out_root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         # never convert our own outputs when the output root sits inside an input root, however
@@ -154,12 +171,75 @@ def _walk(root: Path, scanned, out_root: Path):
             dirnames[:] = [d for d in dirnames if _folder_id(os.path.join(dirpath, d)) != out_id]
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
+        files = set(filenames) if maybe_dicom is not None else ()
         for name in sorted(filenames + dirnames):
             if name.startswith(TEMP_PREFIX):
                 continue
             rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
-            if scanned(rel):
+            if scanned(rel) or (name in files and maybe_dicom(rel)):
                 yield rel
+
+
+# names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)
+_NOT_DICOM = tuple(s for s in IMAGE_SUFFIXES + ARRAY_SUFFIXES if s != ".dcm") + (".img", ".rec", ".brik", ".brik.gz")
+
+
+def _dicom_series(config: Config, found: list[tuple[Path, str]], scanned) -> tuple[list, list]:
+    """Split the scanned paths into other inputs and DICOM series (:func:`niconv.dicom.group`).
+
+    A file of a known non-DICOM type stays an input as it is; any other file is
+    read as DICOM: one that is goes into its series, and one that is not stays
+    an input if ``scanned`` takes it (a file named ``.dcm`` that is not DICOM
+    becomes a series of its own that fails, saying so), else it is left out.
+    """
+    identifying = config.dicom.metadata == "identifying"
+    keywords = dicom.needed_keywords(config.output.name, identifying)
+    rest, headers = [], []
+    for root, rel in found:
+        if rel.lower().endswith(_NOT_DICOM):
+            if scanned(rel):
+                rest.append((root, rel))
+            continue
+        path = root / rel
+        if not path.is_file():
+            if scanned(rel):
+                rest.append((root, rel))
+            continue
+        try:
+            headers.append((root, rel, dicom.read_header(path, keywords)))
+        except dicom.NotDicom as exc:
+            if rel.lower().endswith(".dcm") or str(exc).startswith("a DICOM file"):
+                headers.append((root, rel, exc))
+            elif scanned(rel):
+                rest.append((root, rel))
+    return rest, dicom.group(headers, identifying)
+
+
+def _series_task(config: Config, conv, found) -> Task:
+    """The task of one DICOM series: its output name from ``output.name``, its id from its files and options."""
+    template = config.output.name or (("{folder}/" if config.output.layout == "mirror" else "") + dicom.DEFAULT_NAME)
+    stem = dicom.series_name(template, found.fields)
+    where = str(found.root / found.folder) if found.folder else str(found.root)
+    try:
+        out = inside(config.output.root, conv.output_name(stem, config.convert))
+    except OutputError as exc:
+        raise ScanError(where, exc.message) from exc
+    how = config.input.identity
+    identity = {"series": found.key, "name": stem,
+                "files": [[rel, _identity(root / rel, how)] for root, rel in found.files]}
+    series = Series(files=found.series.files, label=found.series.label, stem=PurePosixPath(stem).name,
+                    metadata=found.series.metadata, skip=found.series.skip, problem=found.series.problem)
+    return Task(
+        task_id=task_id(identity, conv.name, config.convert.model_dump(mode="json")),
+        converter=conv.name,
+        input_path=where,
+        rel_path=found.folder,
+        output_path=str(out),
+        options=config.convert,
+        bytes_in=sum(_bytes(root / rel) for root, rel in found.files),
+        series=series,
+        qc=config.qc.run,
+    )
 
 
 def _folder_id(path) -> tuple[int, int] | None:
@@ -242,14 +322,11 @@ def _identity(path: Path, how: str) -> dict:
     except OSError:
         return {"size": None, "mtime_ns": None}
     if how == "content" and path.is_file():
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            digest = file_sha256(path)
         except OSError:  # unreadable: its task fails with the reason; the scan goes on
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"size": st.st_size, "sha256": h.hexdigest()}
+        return {"size": st.st_size, "sha256": digest}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 

@@ -1,6 +1,9 @@
 """Reading images: every volume nibabel reads, checked before allocating, no float64 copies.
 
-Every reader goes through :func:`image_data`, which applies each format's own
+One route reads every image (:func:`open_volume`): single-file NIfTI
+(``.nii``, ``.nii.gz``) in one pass by :func:`niconv.nifti.open_nifti`, every
+other format by nibabel; either way the file is parsed once. Every image's
+values then come from :func:`image_data`, which applies each format's own
 scaling and gives the voxels in ``(X, Y, Z[, T, ...])`` order.
 
 Dtype policy (the ``scaling`` argument of :func:`read_volume`)
@@ -28,9 +31,7 @@ import errno
 import gzip
 import math
 import os
-import re
 import stat
-import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,20 +42,18 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.brikhead import AFNIImage
 from nibabel.filebasedimages import ImageFileError
 from nibabel.parrec import PARRECImage
-from nibabel.spatialimages import HeaderDataError, SpatialImage
+from nibabel.spatialimages import SpatialImage
 
-from . import codec
+from . import codec, nifti
 from .errors import InputError, SkippedInput, UnsupportedInput
+from .ops.orientation import axcodes
+from .text import first_line, fmt_shape
 
 # Entry-point file name endings (lower case) that a scan picks up by default. Companion
 # files (.img of an .hdr pair, .rec of PAR, .brik of AFNI) are read through their entry point.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".mnc", ".hdr", ".par", ".head", ".dcm")
 ARRAY_SUFFIXES = (".npz", ".npy")
 _STRIP_SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + (".img", ".rec", ".brik", ".brik.gz", ".gz")
-
-# Deflate cannot compress better than about 1032:1, so a .gz whose header claims more
-# voxel bytes than that is corrupt: reject it before allocating anything.
-_MAX_DEFLATE_RATIO = 1100
 
 
 class MissingInput(InputError, FileNotFoundError):
@@ -103,7 +102,7 @@ class Volume:
     @property
     def axcodes(self) -> str:
         """Orientation codes of the voxel axes (``nib.aff2axcodes``), e.g. ``LAS``."""
-        return "".join(c or "?" for c in nib.aff2axcodes(self.affine))
+        return axcodes(self.affine)
 
     @property
     def stored_dtype(self) -> np.dtype:
@@ -189,10 +188,7 @@ def open_image(path: str | os.PathLike):
     SkippedInput
         For an input niconv skips (:func:`skip_reason`).
     """
-    p = check_input_file(path)
-    skip = skip_reason(p)
-    if skip:
-        raise SkippedInput(str(p), skip)
+    p = _readable(path)
     try:
         try:
             return nib.load(str(p))
@@ -227,13 +223,22 @@ def check_image(path: str | os.PathLike, img) -> None:
     _check_scale_factors(p, img)
 
 
+def _readable(path: str | os.PathLike) -> Path:
+    """:func:`check_input_file`, then refuse an input niconv skips (:func:`skip_reason`)."""
+    p = check_input_file(path)
+    skip = skip_reason(p)
+    if skip:
+        raise SkippedInput(str(p), skip)
+    return p
+
+
 def skip_reason(path: str | os.PathLike) -> str | None:
     """Why niconv skips an input it does not handle yet (DICOM), or None.
 
     Reads at most 132 bytes: a name ending in ``.dcm``, or the ``DICM`` marker.
     """
     if _is_dicom(Path(path)):
-        return "DICOM is not supported yet; convert the series to NIfTI first (e.g. with dcm2niix)"
+        return "a DICOM file: niconv converts DICOM series in a run (niconv plan lists them), not one file here"
     return None
 
 
@@ -258,26 +263,22 @@ def _load_failure(p: Path, exc: BaseException) -> str:
     mismatch = _content_mismatch(p)
     if mismatch:
         return mismatch
-    text = _first_line(exc)
-    m = re.search(r"data code (\S+) not (recognized|supported)", text)
-    if m:
-        return f"unsupported data type code {m.group(1)} in the header (not a voxel type niconv can read)"
-    m = re.search(r"invalid intercept (\S+)", text)
-    if m:
-        return (f"the scale factor scl_inter in the header is {m.group(1)}, not a finite number, "
-                "so the voxel values cannot be computed (damaged header)")
+    text = first_line(exc)
     if isinstance(exc, ImageFileError):
         if text.startswith("Cannot work out file type"):
-            return "not an image niconv can read: nibabel recognises neither its name nor its content"
+            return _NOT_AN_IMAGE
         return f"not an image nibabel can read ({text})"
-    if isinstance(exc, (HeaderDataError, ValueError, KeyError, struct.error)):
-        return f"invalid header: {text}"
+    words = nifti.header_problem(exc)
+    if words:
+        return words
     if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
-        return f"file is truncated or not valid gzip ({text})"
+        return codec.corrupt_stream(exc)
     if isinstance(exc, OSError):
         return f"cannot read: {text}"
     return f"cannot read the image header: {text}"
 
+
+_NOT_AN_IMAGE = "not an image niconv can read: nibabel recognises neither its name nor its content"
 
 # magic bytes of formats a cohort folder may hold by mistake, for messages only
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"II*\x00", "a TIFF image"),
@@ -321,7 +322,7 @@ def _check_companion(p: Path, img) -> None:
 
 
 def _check_scale_factors(p: Path, img) -> None:
-    """:func:`niconv.codec.check_scale_factors` on the header as stored (nibabel resets its copy)."""
+    """:func:`niconv.nifti.check_scale_factors` on the header as stored (nibabel resets its copy)."""
     if not isinstance(img.header, nib.Nifti1Header):
         return
     holder = img.file_map.get("header") or img.file_map.get("image")
@@ -331,7 +332,7 @@ def _check_scale_factors(p: Path, img) -> None:
         slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
     except Exception:  # the header was read once already; a second failure is not this check's business
         return
-    codec.check_scale_factors(slope, inter, str(p))
+    nifti.check_scale_factors(slope, inter, str(p))
 
 
 def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
@@ -364,32 +365,43 @@ def read_volume(path: str | os.PathLike, scaling: str = "float32") -> Volume:
         For DICOM files (not supported yet).
     """
     p = str(path)
-    img = _open_nifti_gz(p) if p.lower().endswith(".nii.gz") else None
-    if img is None:
-        img = load_image(p)
+    img = open_volume(p)
     data, scale = image_data(img, scaling, p)
     if data.size == 0:
-        raise InputError(p, f"the image has no voxels: its header gives the shape {_fmt_shape(data.shape)}")
+        raise InputError(p, f"the image has no voxels: its header gives the shape {fmt_shape(data.shape)}")
     if data.dtype.kind in "fc" and not _any_finite(data):
         raise InputError(p, "every voxel is NaN or infinite: the image holds no usable values")
-    if scale is None and isinstance(img.dataobj, codec.StoredVoxels) and data is not img.dataobj.get_unscaled():
-        # keep the values, not the inflated stored values too, for as long as the volume lives
+    if scale is None and isinstance(img.dataobj, nifti.StoredVoxels) and data is not img.dataobj.get_unscaled():
+        # keep the values, not the stored values read too, for as long as the volume lives
         img = type(img)(data, img.affine, img.header)
     return Volume(path=p, image=img, data=data, scaling=scale, axes=voxel_axes(img, p))
 
 
-def _open_nifti_gz(p: str):
-    """The common case in one pass (:func:`niconv.codec.open_nifti`), or None when the file is
-    not a sound single-file NIfTI: then :func:`load_image` and nibabel's reader word the problem."""
-    check_input_file(p)
+def open_volume(path: str | os.PathLike):
+    """Open an image to read its voxels: the one place that decides how a file is read.
+
+    Single-file NIfTI (a name ending in ``.nii`` or ``.nii.gz``, any case) is
+    read in one pass by :func:`niconv.nifti.open_nifti` (a ``.nii.gz`` is
+    inflated, a ``.nii`` mapped, when this returns); every other format is
+    opened by nibabel, header only (:func:`load_image`). Either way the file is parsed once: a NIfTI file
+    that the fast reader refuses is reported in words, not read again.
+
+    Raises
+    ------
+    MissingInput, InputError, SkippedInput, UnsupportedInput
+        As :func:`load_image`; for NIfTI also a truncated or corrupt file
+        (:func:`niconv.nifti.open_nifti`), and
+        :class:`niconv.codec.OverlongStream` for a decompression bomb.
+    """
+    if not str(path).lower().endswith(nifti.SUFFIXES):
+        return load_image(path)
+    p = _readable(path)
     try:
-        return codec.open_nifti(p)
-    except codec.OverlongStream:
-        raise  # the header is sound; nibabel would read the image and ignore the rest of the stream
-    except InputError:
-        return None
+        return nifti.open_nifti(p)
+    except nifti.NotNifti as exc:  # the bytes are not what the name says: say what they are
+        raise InputError(str(p), _content_mismatch(p) or _NOT_AN_IMAGE) from exc
     except MemoryError as exc:
-        raise InputError(p, "not enough memory to read the voxels") from exc
+        raise InputError(str(p), "not enough memory to read the voxels") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +555,7 @@ def image_data(img, scaling: str = "float32", where: str = "") -> tuple[np.ndarr
     Parameters
     ----------
     img : nibabel.spatialimages.SpatialImage
-        As :func:`load_image` or :func:`niconv.codec.open_nifti` open it.
+        As :func:`open_volume` opens it.
     scaling : {"float32", "raw"}
         See the module docstring.
     where : str
@@ -589,11 +601,11 @@ def image_data(img, scaling: str = "float32", where: str = "") -> tuple[np.ndarr
     except InputError:
         raise
     except MemoryError as exc:
-        raise InputError(where, f"not enough memory to load {_fmt_shape(img.shape)} voxels") from exc
+        raise InputError(where, f"not enough memory to load {fmt_shape(img.shape)} voxels") from exc
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(where, f"file is truncated or its compressed data is corrupt ({_first_line(exc)})") from exc
+        raise InputError(where, codec.corrupt_stream(exc)) from exc
     except Exception as exc:  # format readers raise many types for damaged data
-        raise InputError(where, f"cannot read the voxel data: {_first_line(exc)}") from exc
+        raise InputError(where, f"cannot read the voxel data: {first_line(exc)}") from exc
     if axes is not None:
         data = data.transpose(axes)
         if scale is not None:
@@ -679,8 +691,8 @@ def image_bytes(path: str | os.PathLike) -> int | None:
     """
     low = str(path).lower()
     try:
-        if low.endswith((".nii", ".nii.gz")):
-            offset, shape, dtype = codec.nifti_extent(codec.file_prefix(path, 540), str(path))
+        if low.endswith(nifti.SUFFIXES):
+            offset, shape, dtype = nifti.nifti_extent(codec.file_prefix(path, 540), str(path))
         elif low.endswith((".mgh", ".mgz")):
             header = nib.freesurfer.mghformat.MGHHeader(codec.file_prefix(path, 284), check=False)
             offset, dtype = int(header.get_data_offset()), header.get_data_dtype()
@@ -693,10 +705,10 @@ def image_bytes(path: str | os.PathLike) -> int | None:
 
 
 def _check_data_size(p: Path, img) -> None:
-    """Reject headers that claim more voxel data than the file can hold, before allocating it."""
+    """Reject headers that claim more voxel data than the file can hold, before allocating it
+    (:func:`niconv.nifti.check_claim`); a ``.nii.gz`` whose gzip trailer says it holds less."""
     try:
-        # Python integers: a corrupt header's dimensions must not overflow int64 into a small number
-        nbytes = math.prod(int(s) for s in img.shape) * np.dtype(img.get_data_dtype()).itemsize
+        shape, dtype = tuple(int(s) for s in img.shape), np.dtype(img.get_data_dtype())
     except (TypeError, ValueError):
         return
     proxy = getattr(img, "dataobj", None)
@@ -708,43 +720,14 @@ def _check_data_size(p: Path, img) -> None:
         return
     size = os.path.getsize(image_file) if os.path.exists(image_file) else 0
     low = str(image_file).lower()
-    claim = f"{_fmt_shape(img.shape)} voxels of {np.dtype(img.get_data_dtype()).name} ({_fmt_bytes(nbytes)})"
-    if low.endswith(".gz") or low.endswith(".mgz"):
-        if nbytes > size * _MAX_DEFLATE_RATIO:
-            raise InputError(str(p), f"the header claims {claim} but the compressed file has only "
-                                     f"{_fmt_bytes(size)}, more than compression can explain: the header is corrupt")
-        isize = _gzip_isize(image_file)
-        expected = (offset + nbytes) % 2**32
-        if isize is not None and low.endswith(".nii.gz") and isize < expected:
-            raise InputError(str(p), f"file is truncated: header says {offset + nbytes} bytes "
+    if low.endswith((".gz", ".mgz", ".nii", ".img")):
+        nifti.check_claim(str(p), shape, dtype, offset, size, compressed=not low.endswith((".nii", ".img")))
+    if low.endswith(".nii.gz"):
+        isize = codec.gzip_size(image_file)
+        expected = offset + math.prod(shape) * dtype.itemsize
+        if isize is not None and isize < expected % 2**32:
+            raise InputError(str(p), f"file is truncated: header says {expected} bytes "
                                      f"uncompressed, the gzip stream holds {isize}")
-    elif low.endswith((".nii", ".img")):
-        if offset > size:
-            raise InputError(str(p), f"vox_offset {offset} points past the end of the file ({size} bytes): "
-                                     "the header is corrupt")
-        if nbytes > 1000 * max(size, 1):
-            raise InputError(str(p), f"the header claims {claim} but the file has only {_fmt_bytes(size)}: "
-                                     "the header is corrupt")
-        if offset + nbytes > size:
-            raise InputError(str(p), f"file is truncated: the header says {claim} from byte {offset}, "
-                                     f"the file holds only {size - offset} bytes of voxel data")
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _gzip_isize(path: str) -> int | None:
-    """The gzip trailer's ISIZE (uncompressed size mod 2**32), or None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            return struct.unpack("<I", f.read(4))[0]
-    except OSError:
-        return None
 
 
 def _is_dicom(p: Path) -> bool:
@@ -756,15 +739,6 @@ def _is_dicom(p: Path) -> bool:
             return f.read(4) == b"DICM"
     except OSError:
         return False
-
-
-def _fmt_shape(shape) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
@@ -802,9 +776,9 @@ def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
             member = f"array '{name}'" if name else "array"
             raise InputError(str(p), f"the {member} holds Python objects (dtype {dtype}), not numbers; niconv "
                                      "never unpickles a file (allow_pickle=False): save a numeric array") from exc
-        raise InputError(str(p), f"not a readable NumPy file ({_first_line(exc)})") from exc
+        raise InputError(str(p), f"not a readable NumPy file ({first_line(exc)})") from exc
     except Exception as exc:  # zipfile.BadZipFile and friends
-        raise InputError(str(p), f"not a readable NumPy file ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise InputError(str(p), f"not a readable NumPy file ({type(exc).__name__}: {first_line(exc)})") from exc
 
 
 def _npy_header_dtype(path: Path, member: str | None = None) -> np.dtype | None:
@@ -814,11 +788,27 @@ def _npy_header_dtype(path: Path, member: str | None = None) -> np.dtype | None:
     """
     import zipfile
 
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
         with zipfile.ZipFile(path) if member else open(path, "rb") as holder:
             with holder.open(member + ".npy") if member else holder as f:
-                read = readers.get(np.lib.format.read_magic(f))
-                return np.dtype(read(f)[2]) if read else None
+                return npy_header(f)[1]
     except Exception:  # noqa: BLE001 - only for the wording of an error already being raised
         return None
+
+
+def npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of the ``.npy`` open at ``f`` (a literal, never unpickled;
+    the data is not read).
+
+    Raises
+    ------
+    ValueError
+        If it is not a ``.npy`` header of a format version niconv reads (1.0, 2.0).
+    """
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f".npy format version {version[0]}.{version[1]}, which niconv does not read")
+    shape, _fortran, dtype = read(f)
+    return shape, np.dtype(dtype)

@@ -16,8 +16,9 @@ import numpy as np
 
 from . import converters
 from .errors import NiconvError, SkippedInput
-from .log import TaskResult, fmt_shape, fmt_zooms
-from .manifest import Task
+from .log import TaskResult
+from .manifest import Task, file_sha256
+from .text import first_line, fmt_shape, fmt_zooms
 from .writers import WriteScope, remove_own_temps, writing_into
 
 
@@ -57,10 +58,15 @@ def _convert(task: Task) -> TaskResult:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", ResourceWarning)  # the garbage collector's, not the file's
-            c = conv.convert(task, task.options)
+            if task.series is not None:  # a DICOM series: dcm2niix first, then this converter's own route
+                from .converters.dicom_series import convert_series
+
+                c = convert_series(task, conv)
+            else:
+                c = conv.convert(task, task.options)
         nbytes, digest = digest_outputs(Path(task.output_path), c.outputs)
         details = dict(c.details)
-        said = list(dict.fromkeys(_first_line(str(w.message)) for w in caught))
+        said = list(dict.fromkeys(first_line(str(w.message)) for w in caught))
         if said:
             details["warnings"] = said
         if task.qc:
@@ -130,10 +136,6 @@ def convert_batch(tasks: list[Task], scope: WriteScope | None = None) -> list[Ta
     return [convert_one(t, scope) for t in tasks]
 
 
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or [""])[0][:300]
-
-
 def _failed(base: dict, exc: BaseException, message: str, start: float) -> TaskResult:
     return TaskResult(status="failed", error_type=type(exc).__name__,
                       error_message=" ".join(message.split())[:2000],
@@ -162,14 +164,3 @@ def digest_outputs(output_path: Path, outputs: tuple[str, ...]) -> tuple[int, st
         # a name's own bytes (os.fsencode), also when they are not valid UTF-8
         lines.append(os.fsencode(f"{os.path.relpath(out, output_path)} {file_sha256(out)}\n"))
     return total, hashlib.sha256(b"".join(lines)).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-

@@ -24,9 +24,12 @@ import contextlib
 import contextvars
 import errno
 import hashlib
+import json
 import os
 import re
+import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +41,45 @@ from .paths import within
 from .processes import alive
 
 TEMP_PREFIX = ".niconv-tmp-"
+# niconv's own files inside an output folder (temporary files, a folder's record): not outputs
+OWN_PREFIX = ".niconv-"
+# in an output folder of many files (slices): the names of the files niconv wrote there
+FOLDER_RECORD = ".niconv-outputs.json"
+
+
+def write_folder_record(folder: str | os.PathLike, files: Iterable[str]) -> None:
+    """Record, atomically, the files a task wrote into its output folder (names relative to it).
+
+    The record is the proof that a file there is niconv's: a rerun removes only
+    recorded files it no longer writes, and resume and ``verify`` look only at
+    recorded files, so a file someone else puts in the folder is never touched
+    and never makes the output look changed.
+    """
+    names = sorted(os.path.relpath(f, folder) for f in files)
+    with atomic_output(Path(folder) / FOLDER_RECORD) as tmp:
+        # json escapes the surrogates of undecodable name bytes: written and read back unchanged
+        Path(tmp).write_text(json.dumps({"files": names}, indent=0) + "\n", encoding="utf-8")
+
+
+def recorded_outputs(folder: str | os.PathLike) -> list[str] | None:
+    """The names in an output folder's record; None when it has no readable record."""
+    try:
+        names = json.loads((Path(folder) / FOLDER_RECORD).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def output_files(folder: str | os.PathLike) -> list[Path]:
+    """The output files of an output folder, sorted: those its record lists (missing ones included).
+
+    A folder without a record (written by an older niconv): every file under
+    it, niconv's own files (``.niconv-*``) left out.
+    """
+    names = recorded_outputs(folder)
+    if names is not None:
+        return [Path(folder) / n for n in names]
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(OWN_PREFIX))
 
 # A temporary file of another host cannot be checked for a live writer; no single
 # output takes this long to write, so one older than this is a crash leftover.
@@ -182,12 +224,100 @@ def atomic_output(final_path: str | os.PathLike) -> Iterator[str]:
         writes.renamed.append(str(final))
 
 
-# temporary files this process is writing now (atomic_output blocks not yet ended)
+# temporary files (and folders, temp_folder) this process is writing now (blocks not yet ended)
 _writing: set[str] = set()
+_writing_folders: set[str] = set()
+
+
+@contextlib.contextmanager
+def temp_folder(parent: str | os.PathLike, what: str) -> Iterator[str]:
+    """Yield a new temporary folder inside ``parent``; remove it, and all it holds, afterwards.
+
+    For work files an outside program writes (dcm2niix's NIfTI of a DICOM
+    series) before niconv reads them. The folder is named as niconv's temporary
+    files are (:data:`TEMP_PREFIX`, the tree's token, host and process), so a
+    scan never takes it as input and :func:`remove_stale_temps` removes it once
+    its process is gone.
+
+    Parameters
+    ----------
+    parent : path-like
+        A folder (created if missing); inside :func:`writing_into` it must lie
+        under the scope's real output root.
+    what : str
+        The end of the folder's name, saying what it holds (``dicom``).
+
+    Raises
+    ------
+    OutputError
+        If the folder cannot be created, or ``parent`` resolves to a place
+        outside the scope's output root.
+    """
+    writes = _task.get()
+    scope = writes.scope if writes is not None else None
+    if scope is not None:
+        _check_inside(Path(parent) / what, scope)  # before creating folders: none may appear outside the root
+    try:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        if scope is not None:
+            _check_inside(Path(parent) / what, scope)  # a link may have appeared meanwhile
+        prefix, suffix = _temp_affixes(what, scope.token if scope is not None else None)
+        path = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+    except OSError as exc:
+        raise OutputError(str(parent), f"cannot create a temporary folder in {parent}: {_why(exc)}") from exc
+    _writing_folders.add(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # links inside are removed, never followed
+        _writing_folders.discard(path)
+
+
+def open_own(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """Open one of niconv's own bookkeeping files (a lock file) for writing, never through a link.
+
+    niconv makes these files itself, as regular files with one name; a symbolic
+    link, a second hard link, a folder or a FIFO at that name was put there by
+    someone else, and writing through it could change any file, an input
+    included. ``O_NOFOLLOW`` refuses a symbolic link in the last component;
+    ``O_NONBLOCK`` keeps a FIFO from blocking the open.
+
+    Returns
+    -------
+    int
+        An open descriptor (``flags`` plus ``O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC``).
+
+    Raises
+    ------
+    OutputError
+        If the name is a symbolic link, a hard link (more than one name), or not
+        a regular file, naming what was found; or it cannot be opened.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | nofollow, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            found = f"a symbolic link to {os.readlink(path)}" if os.path.islink(path) else "a symbolic link"
+            raise OutputError(str(path), _not_own(found)) from exc
+        raise
+    st = os.fstat(fd)
+    found = (None if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1
+             else f"a file with {st.st_nlink} names (a hard link)" if stat.S_ISREG(st.st_mode)
+             else "a folder" if stat.S_ISDIR(st.st_mode) else "a special file (not a regular file)")
+    if found:
+        os.close(fd)
+        raise OutputError(str(path), _not_own(found))
+    return fd
+
+
+def _not_own(found: str) -> str:
+    return (f"expected niconv's own file (a regular file with one name), found {found}; niconv never writes "
+            f"through a link, which could change another file: remove it and run again")
 
 
 def remove_own_temps() -> None:
-    """Remove the temporary files this process is writing, just before it ends abruptly.
+    """Remove the temporary files and folders this process is writing, just before it ends abruptly.
 
     For a worker whose run has died: no one will read what it writes, and a
     rerun cannot tell at once that the writer has gone. Safe beside a rename in
@@ -195,6 +325,8 @@ def remove_own_temps() -> None:
     """
     for tmp in list(_writing):
         _remove(tmp)
+    for folder in list(_writing_folders):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_inside(final: Path, scope: WriteScope) -> None:
@@ -228,7 +360,7 @@ def _shorten(name: str, budget: int) -> str:
 
 
 def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
-    """Delete this tree's temporary files whose writers no longer run.
+    """Delete this tree's temporary files (and folders, :func:`temp_folder`) whose writers no longer run.
 
     Only files niconv made for this output tree are candidates: their name
     starts with ``.niconv-tmp-<scope.token>-``. Such a file is stale when its
@@ -243,8 +375,9 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
         The output tree (its real root, searched recursively; a missing folder
         is fine) and its token.
     skip : iterable of str
-        Folders left alone with everything below them: the real input roots,
-        where one lies inside the output tree.
+        Folders left alone with everything below them: the real input roots and
+        the folders of paired files (``reference_root``, ``labels_root``), where
+        one lies inside the output tree.
 
     Returns
     -------
@@ -259,7 +392,9 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
         dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skipped]
         if dirpath in skipped:
             continue
-        for name in filenames:
+        folders = {d for d in dirnames if ours.match(d)}
+        dirnames[:] = [d for d in dirnames if d not in folders]  # a temporary folder goes whole, or stays
+        for name in filenames + sorted(folders):
             m = ours.match(name)
             if m is None:
                 continue
@@ -273,7 +408,10 @@ def remove_stale_temps(scope: WriteScope, skip: Iterable[str] = ()) -> int:
                     continue
             if stale:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    if name in folders:
+                        shutil.rmtree(path)  # links inside are removed, never followed
+                    else:
+                        os.unlink(path)
                     removed += 1
     return removed
 

@@ -54,12 +54,12 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from ..codec import write_nifti_gz, write_npy, write_npz
-from ..log import fmt_shape
+from ..text import fmt_shape
 from ..errors import InputError, NiconvError, OutputError, SkippedInput
 from ..ops import intensity as iops
 from ..ops import resample as rs
 from ..ops.labels import label_map_warnings
-from ..ops.orientation import axcodes
+from ..ops.orientation import axcodes, spacing_of
 from ..paths import resolve_path
 from ..preprocess_steps import STEPS, Arrays, Grid, StepEntry, check_order
 from ..schema import ConfigModel, found, validated
@@ -426,7 +426,7 @@ def _label_values(label: np.ndarray) -> list:
 def _geometry(arr: np.ndarray, affine: np.ndarray) -> dict:
     return {
         "shape": [int(s) for s in arr.shape[1:]] + ([int(arr.shape[0])] if arr.shape[0] > 1 else []),
-        "spacing": list(rs.spacing_of(affine)),
+        "spacing": list(spacing_of(affine)),
         "axcodes": axcodes(affine),
         "affine": [[float(v) for v in row] for row in np.asarray(affine)],
     }
@@ -436,7 +436,7 @@ def _geometry(arr: np.ndarray, affine: np.ndarray) -> dict:
 
 
 def _write(output_path: str, options: Options, arr, affine, label, image, intent: str | None = None) -> list[str]:
-    spacing = np.asarray(rs.spacing_of(affine), dtype=np.float64)
+    spacing = np.asarray(spacing_of(affine), dtype=np.float64)
     affine = np.asarray(affine, dtype=np.float64)
     outputs = [str(output_path)]
     if options.format == "npz":

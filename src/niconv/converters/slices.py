@@ -50,8 +50,9 @@ from ..ops.labels import label_map_warnings
 from ..ops.window import DEFAULT_PERCENTILES, Window, apply_window, compute_window, \
     label_colors, label_to_uint, parse_window_spec
 from ..schema import ConfigModel, validated
+from ..text import fmt_dtype, fmt_shape
 from ..volume import Volume, image_stem, read_volume
-from ..writers import atomic_output
+from ..writers import atomic_output, recorded_outputs, write_folder_record
 from . import Conversion, Converter
 
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -355,8 +356,9 @@ def convert(task: Task, options: Options) -> Conversion:
             _write_sheet([sheet_tiles.get(p, []) for p in opts.planes], path, opts)
             written.append(str(path))
             sheets += 1
-    removed = _remove_stale(out_dir, stem, set(written))
     images = len(written) - sheets
+    removed = _remove_stale(out_dir, stem, set(written))
+    write_folder_record(out_dir, written)
     details = {
         "images": images,
         "contact_sheets": sheets,
@@ -382,7 +384,7 @@ def convert(task: Task, options: Options) -> Conversion:
     return Conversion(
         outputs=tuple(sorted(written)),
         input_shape=tuple(int(s) for s in vol.data.shape),
-        input_dtype=_dtype_name(vol.data.dtype),
+        input_dtype=fmt_dtype(vol.data.dtype),
         output_shape=(images,),
         output_dtype="uint8" if bit_depth == 8 else "uint16",
         zooms=vol.zooms,
@@ -423,8 +425,7 @@ def _as_xyzt(vol: Volume) -> tuple[np.ndarray, tuple[str, ...] | None]:
     if data.ndim == 3:
         data = data[..., np.newaxis]
     if data.ndim != 4:
-        raise UnsupportedInput(vol.path, f"expected a 2D, 3D or 4D image; found shape "
-                                         f"{'x'.join(str(int(s)) for s in vol.data.shape)}")
+        raise UnsupportedInput(vol.path, f"expected a 2D, 3D or 4D image; found shape {fmt_shape(vol.data.shape)}")
     return data, rgb_fields
 
 
@@ -565,22 +566,23 @@ def _write_image(img: Image.Image, path: Path, opts: Options) -> None:
 def _remove_stale(out_dir: Path, stem: str, keep: set[str]) -> int:
     """Delete images this converter wrote for ``stem`` in an earlier run but not in this one.
 
-    Only names matching :func:`pattern` are touched, so a rerun with fewer
-    slices or another format leaves no stale slices behind.
+    Proof that a file is ours: the earlier run listed it in the folder's record
+    (:func:`niconv.writers.write_folder_record`) and its name matches
+    :func:`pattern`. A rerun with fewer slices or another format leaves no
+    stale slices behind, and a file someone else put in the folder survives,
+    whatever its name.
     """
     regex = pattern(stem)
     removed = 0
-    try:
-        entries = list(os.scandir(out_dir))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        if regex.fullmatch(entry.name) and str(out_dir / entry.name) not in keep and entry.is_file():
-            try:
-                os.unlink(entry.path)
-            except OSError as exc:
-                raise OutputError(entry.path, f"cannot remove a stale image of an earlier run: {exc.strerror}") from exc
-            removed += 1
+    for name in recorded_outputs(out_dir) or ():  # no record (an older niconv's folder): nothing proven ours
+        path = out_dir / name
+        if not regex.fullmatch(name) or str(path) in keep or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise OutputError(str(path), f"cannot remove a stale image of an earlier run: {exc.strerror}") from exc
+        removed += 1
     return removed
 
 
@@ -589,9 +591,3 @@ def _pixel_mm(spacing: tuple[float, float, float], plane: str, aspect: str) -> l
     if aspect == "spacing":
         rows = cols = min(rows, cols)
     return [round(rows, 6), round(cols, 6)]
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    if dtype.names is not None:
-        return "rgba32" if len(dtype.names) == 4 else "rgb24"
-    return np.dtype(dtype).newbyteorder("=").name

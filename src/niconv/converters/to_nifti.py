@@ -1,5 +1,10 @@
 """``nifti``: ``.npy``/``.npz`` -> ``.nii.gz`` with an affine, a reference image's geometry, or identity.
 
+Geometry, first that applies: ``reference`` (affine and header copied);
+``affine`` from the config; the ``.npz``'s own ``affine`` member (written by
+``to: numpy`` with ``geometry: true`` and by ``to: preprocess``), so a round
+trip keeps its place in space; else the identity.
+
 With a reference image, its affine **and header** are copied: qform/sform and
 their codes, xyzt_units, pixdim (TR in pixdim[4]), descrip, intent, header
 extensions. The array's own dtype is what gets stored (the header's datatype
@@ -29,7 +34,8 @@ from .. import codec
 from ..paths import resolve_path
 from ..schema import ConfigModel, found
 from ..errors import InputError
-from ..log import fmt_dtype
+from ..ops.orientation import axcodes
+from ..text import fmt_dtype, fmt_shape
 from ..volume import image_stem, load_image, read_array
 from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, seed_output, show_patterns
@@ -120,8 +126,8 @@ def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, 
     if data.ndim < 3:
         raise InputError(where, f"expected a volume of shape (X, Y, Z[, T]), found shape {data.shape}")
     if data.size == 0:
-        shape = "x".join(map(str, data.shape))
-        raise InputError(where, f"the array holds no values (shape {shape}); a NIfTI image needs at least one voxel")
+        raise InputError(where, f"the array holds no values (shape {fmt_shape(data.shape)}); a NIfTI image needs "
+                                "at least one voxel")
     data = nifti_array(data, where)
     if reference is not None:
         ref = load_image(reference)
@@ -202,7 +208,10 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         raise InputError(input_path, f"no reference image matching {show_patterns(options.reference)} was found"
                                      + (f" in {options.reference_root}" if options.reference_root else " beside it"))
     data = np.asanyarray(read_array(input_path, options.key))
-    img = array_to_image(data, options.affine, reference, where=input_path)
+    affine = options.affine
+    if affine is None and reference is None:
+        affine = stored_affine(input_path, options.key)
+    img = array_to_image(data, affine, reference, where=input_path)
     if label_map:
         img.header.set_intent("label")
     with atomic_output(output_file) as tmp:
@@ -214,9 +223,44 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
         output_shape=tuple(img.shape),
         output_dtype=fmt_dtype(img.get_data_dtype()),
         zooms=tuple(float(z) for z in img.header.get_zooms()),
-        axcodes="".join(c or "?" for c in nib.aff2axcodes(img.affine)),
-        details={**({"reference": reference} if reference else {}), **({"label_map": True} if label_map else {})},
+        axcodes=axcodes(img.affine),
+        details={**({"reference": reference} if reference else {}),
+                 **({"affine": "from the array file"} if affine is not None and options.affine is None else {}),
+                 **({"label_map": True} if label_map else {})},
     )
+
+
+def output_paths(task) -> tuple[str, ...]:
+    """The output; for a DICOM series also its JSON sidecar beside it (``<name>.json``)."""
+    if task.series is None:
+        return (task.output_path,)
+    out = Path(task.output_path)
+    stem = out.name[: -len(".nii.gz")] if out.name.lower().endswith(".nii.gz") else out.stem
+    return (task.output_path, str(out.with_name(stem + ".json")))
+
+
+def stored_affine(path: str, key: str | None = None) -> np.ndarray | None:
+    """The ``(4, 4)`` member ``affine`` of a ``.npz`` (voxel -> RAS+ mm), or None when it has none.
+
+    ``None`` too for a ``.npy`` and when ``key`` names the affine itself.
+
+    Raises
+    ------
+    InputError
+        If the member exists but is not a 4x4 affine (finite, last row ``[0, 0, 0, 1]``).
+    """
+    if Path(path).suffix.lower() != ".npz" or key == "affine":
+        return None
+    with np.load(path, allow_pickle=False) as archive:
+        if "affine" not in archive.files:
+            return None
+    affine = np.asarray(read_array(path, "affine"))
+    if (affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.all(np.isfinite(affine))
+            or not np.allclose(affine[3], [0, 0, 0, 1])):
+        raise InputError(path, f"the member 'affine' is not a 4x4 voxel-to-world affine (expected finite numbers "
+                               f"with last row [0, 0, 0, 1], found shape {affine.shape}, dtype {affine.dtype}); "
+                               f"give 'affine' or 'reference' in the config to override it")
+    return affine
 
 
 def convert(task, options: Options) -> Conversion:
@@ -238,7 +282,8 @@ def numpy_to_nifti(npy_path, output_path, affine=None, reference_nifti=None, deb
     reference_nifti : str or path-like, optional
         Image whose affine and header are copied (qform/sform codes,
         xyzt_units, pixdim[4] / TR, descrip survive); overrides ``affine``.
-        Neither given: identity affine.
+        Neither given: the ``.npz``'s own ``affine`` member when it has one
+        (as ``nifti_to_numpy`` and ``to: preprocess`` write it), else identity.
     debug : bool
         Log the written path through the ``niconv`` logger.
 
@@ -275,4 +320,5 @@ CONVERTER = Converter(
     pairs=pairs,
     memory_factor=2.0,
     inputs="array",
+    output_paths=output_paths,
 )

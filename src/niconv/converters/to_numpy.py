@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, model_serializer, model_validator
 
 from .. import codec
-from ..log import fmt_dtype
+from ..text import fmt_dtype
 from ..schema import ConfigModel
 from ..volume import image_stem, read_volume
 from ..writers import atomic_output

@@ -1,9 +1,10 @@
-"""Reorienting voxel arrays by their affine (nibabel.orientations)."""
+"""What an affine says about the voxel axes (axis codes, spacing), and reorienting by it (nibabel.orientations)."""
 from __future__ import annotations
 
 import numpy as np
 import nibabel as nib
 from nibabel import orientations as nio
+from nibabel.affines import voxel_sizes
 
 
 def reorient(data: np.ndarray, affine: np.ndarray, target: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
@@ -41,3 +42,19 @@ def reorient(data: np.ndarray, affine: np.ndarray, target: str = "RAS") -> tuple
 def axcodes(affine: np.ndarray) -> str:
     """Axis codes of an affine, e.g. ``"LAS"`` (``nib.aff2axcodes``)."""
     return "".join(c or "?" for c in nib.aff2axcodes(affine))
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing (mm) of the three spatial axes: the column norms of the affine.
+
+    Parameters
+    ----------
+    affine : numpy.ndarray
+        Voxel-to-world (RAS+ mm) affine, shape ``(4, 4)``; oblique affines are fine.
+
+    Returns
+    -------
+    tuple of float
+        ``(sx, sy, sz)`` in mm.
+    """
+    return tuple(float(v) for v in voxel_sizes(np.asarray(affine, dtype=np.float64))[:3])

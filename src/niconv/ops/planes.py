@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .orientation import reorient
+from .orientation import reorient, spacing_of
 
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 CONVENTIONS: tuple[str, ...] = ("radiological", "neurological")
@@ -54,18 +54,6 @@ INTERPOLATIONS: dict[str, int] = {
     "cubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel sizes in mm along the three array axes: the column norms of ``affine[:3, :3]``.
-
-    Parameters
-    ----------
-    affine : numpy.ndarray
-        Voxel-to-world affine, shape ``(4, 4)``; oblique affines are fine.
-    """
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return tuple(float(s) for s in np.sqrt((a * a).sum(axis=0)))
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -88,7 +76,7 @@ def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray
         Voxel sizes (mm) along the RAS+ axes.
     """
     out, new_affine = reorient(data, affine, "RAS")
-    return out, new_affine, voxel_spacing(new_affine)
+    return out, new_affine, spacing_of(new_affine)
 
 
 def check_plane(plane: str) -> str:

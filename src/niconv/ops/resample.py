@@ -38,29 +38,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from nibabel.affines import voxel_sizes
 
 from ..errors import InputError
+from ..text import fmt_shape
+from .orientation import spacing_of
 
 # Voxel sizes that agree to this many mm are taken as equal (header float32 rounding).
 _SAME_SIZE_TOL = 1e-5
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel spacing (mm) of the three spatial axes: the column norms of the affine.
-
-    Parameters
-    ----------
-    affine : numpy.ndarray
-        Voxel-to-world (RAS+ mm) affine, shape ``(4, 4)``.
-
-    Returns
-    -------
-    tuple of float
-        ``(sx, sy, sz)`` in mm.
-    """
-    return tuple(float(v) for v in voxel_sizes(np.asarray(affine, dtype=np.float64))[:3])
 
 
 def grid_for_spacing(shape, affine, spacing) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
@@ -291,13 +276,9 @@ def check_same_grid(image_shape, image_affine, label_shape, label_affine, where:
         voxel-aligned.
     """
     if tuple(image_shape[:3]) != tuple(label_shape[:3]):
-        raise InputError(where, f"label map shape {_fmt(label_shape[:3])} differs from the image's "
-                                f"{_fmt(image_shape[:3])}; a label map must share its image's voxel grid")
+        raise InputError(where, f"label map shape {fmt_shape(label_shape[:3])} differs from the image's "
+                                f"{fmt_shape(image_shape[:3])}; a label map must share its image's voxel grid")
     diff = float(np.max(np.abs(np.asarray(image_affine) - np.asarray(label_affine))))
     if diff > atol:
         raise InputError(where, f"label map affine differs from the image's by up to {diff:.4g} mm "
                                 f"(tolerance {atol} mm); a label map must share its image's voxel grid")
-
-
-def _fmt(shape) -> str:
-    return "x".join(str(int(s)) for s in shape)
