@@ -24,10 +24,16 @@ def cohort_copy(folder: Path, hostile: bool = True) -> Path:
         pytest.skip(f"real test data not found at {COHORT}")
     shutil.copytree(COHORT, folder)
     if hostile:
+        (folder / "truncated.nii.gz").write_bytes((COHORT / "sct_t2s.nii.gz").read_bytes()[:3000])  # fails
         (folder / HOSTILE[0]).mkdir()
         for name in HOSTILE[1:]:
             shutil.copyfile(COHORT / "nib_anatomical.nii", folder / name)
     return folder
+
+
+def measured(rows: list[dict]) -> int:
+    """The ok rows with a volume to measure: an image file (a DICOM series converted to .npz has none)."""
+    return sum(1 for r in rows if r["status"] == "ok" and Path(r["input_path"]).is_file())
 
 
 def config(tmp_path: Path, extra: str = "") -> Path:
@@ -50,7 +56,7 @@ def converted(tmp_path_factory):
     cohort_copy(tmp / "in")
     cfg = config(tmp)
     r = niconv("run", cfg, "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and "1 failed" in r.stdout, r.stderr  # the truncated copy
     r = niconv("report", cfg, "--json", tmp / "findings.json")
     assert r.returncode == 0, r.stderr
     return tmp, cfg
@@ -66,22 +72,25 @@ def test_report_has_every_task_and_escapes_hostile_names(converted):
     assert "\\u003cscript\\u003ewindow.pwned=1\\u003c/script\\u003e.nii" in page
     # thumbnails: one small PNG per measured volume, beside the page, none fetched from elsewhere
     thumbs = sorted((tmp / "out" / "report_files").glob("*.png"))
-    assert len(thumbs) == sum(1 for r in rows if r["status"] == "ok")
+    assert len(thumbs) == measured(rows)
     assert all(t.stat().st_size < 40_000 for t in thumbs)
     assert "http://" not in page and "https://" not in page
     found = json.loads((tmp / "findings.json").read_text())
     assert {f["flag"] for f in found["findings"]} >= {"orientation", "oblique", "nonfinite", "duplicate"}
     nonfinite = [f for f in found["findings"] if f["flag"] == "nonfinite"]
     assert [(Path(f["path"]).name, f["evidence"]["nan"]) for f in nonfinite] == [("sct_fmri_tsnr.nii.gz", 408)]
-    skipped = [f for f in found["failed"] if f["status"] == "skipped"]
-    assert skipped and all(f["message"] for f in skipped)
+    assert found["counts"] == {"ok": len(rows) - 1, "failed": 1}
+    [failed] = found["failed"]
+    assert failed["path"].endswith("truncated.nii.gz") and "truncated" in failed["message"]
+    problems = page.split("Failed and skipped tasks (1)")[1]
+    assert "truncated.nii.gz" in problems and failed["error_type"] in problems
 
 
 def test_second_report_takes_every_volume_from_the_cache(converted):
     tmp, cfg = converted
     r = niconv("report", cfg)
     assert r.returncode == 0, r.stderr
-    ok = sum(1 for row in read_log(tmp / "out" / "niconv_log.csv").rows if row["status"] == "ok")
+    ok = measured(read_log(tmp / "out" / "niconv_log.csv").rows)
     assert f"0 volume(s) read, {ok} from the cache" in r.stdout
 
 
@@ -175,7 +184,7 @@ def test_report_in_headless_chromium(converted, tmp_path):
         assert {str(tmp / "in" / name) for name in HOSTILE[1:]} <= set(files)  # shown as text
         loaded = browser.execute_script(
             "return Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
-        assert loaded == sum(1 for r in rows if r["status"] == "ok")
+        assert loaded == measured(rows)
 
         header = browser.find_element(By.CSS_SELECTOR, '#tasks th[data-k="file"]')
         ascending = browser.execute_script("return arguments[0].slice().sort((a, b) => a.localeCompare(b));", files)
@@ -196,8 +205,8 @@ def test_report_in_headless_chromium(converted, tmp_path):
         assert sorted(Path(f).name for f in _visible_files(browser)) == ["sct_fmri_tsnr.nii.gz", "sct_t2s.nii.gz"]
         box.clear()
         browser.execute_script("document.getElementById('q').dispatchEvent(new Event('input'))")
-        Select(browser.find_element(By.ID, "st")).select_by_value("skipped")
-        assert len(_visible_files(browser)) == sum(1 for r in rows if r["status"] == "skipped")
+        Select(browser.find_element(By.ID, "st")).select_by_value("ok")
+        assert len(_visible_files(browser)) == sum(1 for r in rows if r["status"] == "ok")
         Select(browser.find_element(By.ID, "st")).select_by_value("")
         Select(browser.find_element(By.ID, "fl")).select_by_value("nonfinite")
         assert [Path(f).name for f in _visible_files(browser)] == ["sct_fmri_tsnr.nii.gz"]
