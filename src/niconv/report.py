@@ -576,8 +576,12 @@ def _json_for_script(data) -> str:
 def _fmt(entries: list[Entry]) -> Counter:
     suffixes = Counter()
     for e in entries:
-        name = Path(e.row.get("input_path", "")).name.lower()
-        ext = ".nii.gz" if name.endswith(".nii.gz") else (Path(name).suffix or "(none)")
+        path = e.row.get("input_path", "")
+        name = Path(path).name.lower()
+        if os.path.isdir(path):
+            ext = "DICOM series"  # a series' input is its folder
+        else:
+            ext = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix or "(none)"
         suffixes[ext] += 1
     return suffixes
 
