@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command(sub, "status", "count the done, failed, pending and skipped tasks across all shard logs", config=True)
 
+    rp = add_command(sub, "report", "write report.html beside the log: every task, thumbnails, QC flags")
+    rp.add_argument("source", metavar="CONFIG|LOG", help="the run's YAML config, or a niconv CSV log")
+    rp.add_argument("--fail-on", metavar="FLAG,...", help="exit 1 if any of these flags is raised (one line per "
+                    "flagged file), e.g. orientation,geometry,nonfinite")
+    rp.add_argument("--json", metavar="PATH", help="also write the findings as JSON")
+    rp.add_argument("--jobs", type=int, metavar="N", help="worker processes measuring volumes (default: every CPU "
+                    "this process may use)")
+    rp.add_argument("--no-thumbnails", action="store_true",
+                    help="no thumbnails: read only the volumes whose figures are not in the log yet")
+
     m = add_command(sub, "merge", "merge the shard logs into one log, in manifest order", config=True)
     m.add_argument("--output", metavar="PATH", help="write here instead of the configured log")
     return p
@@ -393,7 +403,41 @@ def cmd_merge(args) -> int:
     return EXIT_OK if st.finished else EXIT_FAILED
 
 
-_COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "init": cmd_init,
+def cmd_report(args) -> int:
+    """``niconv report CONFIG|LOG``: the page, the findings; EXIT_FAILED when a --fail-on flag is raised."""
+    from .limits import cap_jobs, usable_cpus
+    from .report import build_report, check_fail_on, fail_lines, gather_from_config, gather_from_log, is_log, \
+        write_findings
+
+    fail_on = check_fail_on(args.fail_on) if args.fail_on else []
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError("--jobs", f"expected a whole number of at least 1, found {args.jobs}")
+    source = Path(args.source)
+    if not source.exists():
+        raise ConfigError(str(source), "file not found: expected a config or a niconv log")
+    if is_log(source) or source.suffix.lower() == ".csv":
+        entries, log_path, options, damaged = gather_from_log(source)
+    else:
+        config, tasks = _load(argparse.Namespace(config=args.source))
+        entries, log_path, options, damaged = gather_from_config(config, tasks)
+    if not entries:
+        raise LogError(str(log_path), "expected tasks to report on, found none (an empty log?)")
+    report = build_report(entries, log_path, options, damaged, jobs=cap_jobs(args.jobs or usable_cpus()),
+                          thumbs=not args.no_thumbnails)
+    if args.json:
+        write_findings(report, args.json)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts.items()))
+    flagged = sum(1 for e in report.entries if e.flags)
+    print(f"niconv: report of {len(report.entries)} task(s) ({counts}): {len(report.findings())} flag(s) on "
+          f"{flagged} file(s); {report.measured} volume(s) read, {report.cached} from the cache, in "
+          f"{report.seconds:.1f} s" + (f"; {_damaged(damaged)}" if damaged else "") + f"; {report.html_path}")
+    lines = fail_lines(report, fail_on)
+    for line in lines:
+        print(line)
+    return EXIT_FAILED if lines else EXIT_OK
+
+
+_COMMANDS = {"run": cmd_run, "report": cmd_report, "plan": cmd_plan, "validate": cmd_validate, "init": cmd_init,
              "info": cmd_info, "verify": cmd_verify, "submit": cmd_submit, "status": cmd_status,
              "merge": cmd_merge}
 

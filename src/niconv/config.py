@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .limits import usable_cpus
 from .manifest import MAX_SHARDS, TASKS_PER_SHARD
 from .paths import resolve_path
+from .qc import QcOptions, qc_options
 from .schema import ConfigModel, found, show, validated
 from .text import first_line
 
@@ -238,10 +239,13 @@ class Config(ConfigModel):
     cluster: ClusterOptions = Field(default_factory=ClusterOptions,
                                     description="cluster runs: SLURM arrays (slurm), Dask workers as SLURM jobs (jobqueue)")
     dicom: DicomOptions = Field(default_factory=DicomOptions, description="DICOM series: what goes into the log")
+    qc: QcOptions = Field(default_factory=QcOptions,
+                          description="quality control: true (figures measured during run), or its options")
     source: Optional[Path] = Field(None, description="the config file (set by load_config)")
 
     _log = field_validator("log", mode="before")(resolve_path)
     _mem = field_validator("memory_budget", mode="before")(lambda v: _size(v))
+    _qc = field_validator("qc", mode="before")(qc_options)
 
     @property
     def log_path(self) -> Path:

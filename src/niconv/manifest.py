@@ -90,6 +90,8 @@ class Task:
     series : Series or None
         The DICOM series this task converts (its files, names, metadata);
         None for a task of one input file.
+    qc : bool
+        Measure the volume's QC figures after converting it (``qc: true``), into ``details``.
     """
 
     task_id: str
@@ -102,6 +104,7 @@ class Task:
     bytes_in: int = 0
     label_map: bool = False
     series: Series | None = None
+    qc: bool = False
 
     def pair(self, role: str) -> str | None:
         """The path of the extra input playing ``role``, or None."""

@@ -132,6 +132,7 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
             pairs=pairs,
             bytes_in=_bytes(src),
             label_map=label_map,
+            qc=config.qc.run,
         ))
     for found_series in series:
         task = _series_task(config, conv, found_series)
@@ -237,6 +238,7 @@ def _series_task(config: Config, conv, found) -> Task:
         options=config.convert,
         bytes_in=sum(_bytes(root / rel) for root, rel in found.files),
         series=series,
+        qc=config.qc.run,
     )
 
 

@@ -69,6 +69,10 @@ def _convert(task: Task) -> TaskResult:
         said = list(dict.fromkeys(first_line(str(w.message)) for w in caught))
         if said:
             details["warnings"] = said
+        if task.qc:
+            from .qc import task_figures  # here: only runs with qc: true pay for it
+
+            details["qc"] = task_figures(task)
         return TaskResult(
             status="ok", input_shape=fmt_shape(c.input_shape), input_dtype=c.input_dtype,
             output_shape=fmt_shape(c.output_shape), output_dtype=c.output_dtype,
