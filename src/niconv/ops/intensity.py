@@ -85,7 +85,10 @@ def masked_moments(x: np.ndarray, mask: str = "none") -> tuple[float, float, int
     for s in _slabs(x):
         v = _valid(s, mask)
         d = s[v].astype(np.float64) - mean
-        ss += float(np.dot(d, d))
+        # numpy's own sum, not np.dot: BLAS splits a dot product over its threads, so its
+        # last bits (and the float32 scale made from them) would depend on where the task ran
+        np.multiply(d, d, out=d)
+        ss += float(d.sum())
     return mean, math.sqrt(ss / count), count
 
 
