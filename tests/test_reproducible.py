@@ -14,7 +14,6 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from helpers import REPO, niconv, outputs, real_image, rows_of, sha256, write_config
 from niconv import nifti
