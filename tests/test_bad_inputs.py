@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import write_config
+from helpers import write_config
 
 MEMORY_LIMIT = 1 << 30  # bytes of address space for the run and its workers
 

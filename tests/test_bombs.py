@@ -30,7 +30,7 @@ from niconv.errors import InputError
 from niconv.runner import concurrency_groups, estimate_memory
 from niconv.scan import build_manifest
 from niconv.volume import read_volume
-from conftest import write_config
+from helpers import write_config
 
 GiB = 1 << 30
 BOMB_WORDS = "times longer than the image its header describes"

@@ -7,7 +7,7 @@ import yaml
 from niconv import converters
 from niconv.config import load_config
 from niconv.errors import ConfigError
-from conftest import REPO, niconv, write_config
+from helpers import REPO, niconv, write_config
 
 
 def test_validate_reports_every_problem_with_key_paths(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dicom_report, niconv, rows_of, sha256, write_config
+from helpers import dicom_report, niconv, rows_of, sha256, write_config
 
 # a DICOM object that is not an image (a structured report) is skipped, its SOP class named
 REPORT = "not an image: Basic Text SR Storage (1.2.840.10008.5.1.4.1.1.88.11); niconv converts image series"

@@ -27,7 +27,7 @@ from niconv.manifest import Task, shard
 from niconv.runner import run
 from niconv.scan import build_manifest
 from niconv.slurm import max_array_size, plan_arrays, sbatch_script, submit, wait
-from conftest import niconv, write_config
+from helpers import niconv, write_config
 
 SCHEDULER = os.environ.get("NICONV_DASK_SCHEDULER", "tcp://127.0.0.1:8786")
 # columns that differ between two runs of the same tasks by nature

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import io
 import mmap
-import os
 import struct
 import tracemalloc
 import warnings
@@ -15,24 +14,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import DATA, NO_DATA, real_image
 from niconv import codec, nifti
 from niconv.errors import InputError, NiconvError, OutputError
 from niconv.volume import image_data, read_volume
 
-DATA = Path(os.environ.get("NICONV_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-COHORT = DATA / "cohort"
-NO_DATA = f"real test data not found at {COHORT} (set NICONV_TEST_DATA to the shared data folder)"
 NIFTIS = sorted(
     p for folder in (DATA / "cohort", DATA / "extra") if folder.is_dir()
     for p in folder.iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
 )
-
-
-def real(name: str) -> Path:
-    path = COHORT / name
-    if not path.is_file():
-        pytest.skip(NO_DATA)
-    return path
 
 
 def read_gz(path, size=None) -> bytearray:
@@ -42,7 +32,7 @@ def read_gz(path, size=None) -> bytearray:
 
 def stored(name: str) -> np.ndarray:
     """The stored voxels of a cohort image, in nibabel's (Fortran) order."""
-    return np.asanyarray(nib.load(str(real(name))).dataobj.get_unscaled())
+    return np.asanyarray(nib.load(str(real_image(name))).dataobj.get_unscaled())
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +190,7 @@ def test_without_isal_falls_back_to_zlib_with_one_warning(tmp_path, monkeypatch)
     monkeypatch.setattr(codec, "_isal", None)
     with pytest.warns(RuntimeWarning, match="'isal' package is missing") as record:
         codec.write_npz(tmp_path / "a.npz", {"data": data, "other": data})
-        codec.write_nifti_gz(nib.load(str(real("dipy_aniso_vox.nii.gz"))), tmp_path / "a.nii.gz")
+        codec.write_nifti_gz(nib.load(str(real_image("dipy_aniso_vox.nii.gz"))), tmp_path / "a.nii.gz")
     assert len([w for w in record if "isal" in str(w.message)]) == 1
     with np.load(tmp_path / "a.npz") as z:
         assert np.array_equal(z["data"], data)
@@ -264,7 +254,7 @@ def test_npz_to_a_file_object():
 @pytest.mark.parametrize("name", ["nib_example4d.nii.gz", "nib_example_nifti2.nii.gz", "ct_perfusion_rgb24.nii.gz",
                                   "nib_functional.nii", "nib_anatomical.nii"])
 def test_nifti_gz_is_deterministic_and_equals_nibabels_own_file(tmp_path, name):
-    img = nib.load(str(real(name)))
+    img = nib.load(str(real_image(name)))
     codec.write_nifti_gz(img, tmp_path / "a.nii.gz")
     codec.write_nifti_gz(img, tmp_path / "b.nii.gz")
     blob = (tmp_path / "a.nii.gz").read_bytes()
@@ -283,14 +273,14 @@ def test_nifti_gz_is_deterministic_and_equals_nibabels_own_file(tmp_path, name):
 
 
 def test_nifti_uncompressed_when_path_ends_in_nii(tmp_path):
-    img = nib.load(str(real("dipy_aniso_vox.nii.gz")))
+    img = nib.load(str(real_image("dipy_aniso_vox.nii.gz")))
     codec.write_nifti_gz(img, tmp_path / "plain.nii")
     nib.save(img, str(tmp_path / "ref.nii"))
     assert (tmp_path / "plain.nii").read_bytes() == (tmp_path / "ref.nii").read_bytes()
 
 
 def test_nifti_write_leaves_the_image_untouched(tmp_path):
-    src = real("nib_example4d.nii.gz")
+    src = real_image("nib_example4d.nii.gz")
     img = nib.load(str(src))
     before = img.header.binaryblock
     codec.write_nifti_gz(img, tmp_path / "x.nii.gz")
@@ -330,14 +320,14 @@ def test_nifti_write_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["nib_example4d.nii.gz", "fs_brainmask.mgz", "bigbrain_labels.nii.gz"])
 def test_read_gz_bytes_equals_gzip(name):
-    path = real(name)
+    path = real_image(name)
     out = read_gz(path)
     assert isinstance(out, bytearray)
     assert out == gzip.decompress(path.read_bytes())
 
 
 def test_read_gz_bytes_multi_member_and_trailing_empty_member(tmp_path):
-    payload = gzip.decompress(real("nib_example4d.nii.gz").read_bytes())
+    payload = gzip.decompress(real_image("nib_example4d.nii.gz").read_bytes())
     half = len(payload) // 2
     (tmp_path / "multi.gz").write_bytes(gzip.compress(payload[:half]) + gzip.compress(payload[half:]))
     assert read_gz(tmp_path / "multi.gz") == payload
@@ -349,14 +339,28 @@ def test_read_gz_bytes_multi_member_and_trailing_empty_member(tmp_path):
     assert read_gz(tmp_path / "bgzf.gz") == payload
 
 
-def test_read_gz_bytes_size_beyond_the_stream_takes_the_streaming_path(tmp_path):
-    path = real("dipy_aniso_vox.nii.gz")
+def test_read_gz_bytes_size_beyond_the_stream_takes_the_streaming_path(monkeypatch):
+    path = real_image("dipy_aniso_vox.nii.gz")
     payload = gzip.decompress(path.read_bytes())
+    calls = {"one call": 0, "stream": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(codec._libdeflate, "gzip_decompress", counted("one call", codec._libdeflate.gzip_decompress))
+    monkeypatch.setattr(codec, "_inflate_stream", counted("stream", codec._inflate_stream))
+    assert read_gz(path, size=len(payload)) == payload
+    assert calls == {"one call": 1, "stream": 0}
+    # a header that wants more than the trailer announces: libdeflate is not asked, the stream decides
     assert read_gz(path, size=len(payload) + 1000) == payload
+    assert calls == {"one call": 1, "stream": 1}
 
 
 def test_read_gz_bytes_without_libdeflate(monkeypatch):
-    path = real("nib_example4d.nii.gz")
+    path = real_image("nib_example4d.nii.gz")
     monkeypatch.setattr(codec, "_libdeflate", None)
     with pytest.warns(RuntimeWarning, match="'deflate' package is missing"):
         out = read_gz(path)
@@ -367,7 +371,7 @@ def test_read_gz_bytes_errors(tmp_path):
     (tmp_path / "text.gz").write_bytes(b"this is not gzip at all, just text")
     with pytest.raises(InputError, match="not a gzip file"):
         read_gz(tmp_path / "text.gz")
-    blob = real("nib_example4d.nii.gz").read_bytes()
+    blob = real_image("nib_example4d.nii.gz").read_bytes()
     (tmp_path / "cut.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(InputError, match="truncated or its compressed data is corrupt"):
         read_gz(tmp_path / "cut.gz")
@@ -444,10 +448,10 @@ def test_read_volume_raw_gives_stored_values_and_scale(path):
 
 
 def test_nifti_from_bytes_swaps_big_endian_in_place(tmp_path):
-    img = nib.load(str(real("nib_anatomical.nii")))
+    img = nib.load(str(real_image("nib_anatomical.nii")))
     assert img.get_data_dtype().byteorder == ">"
     codec.write_nifti_gz(img, tmp_path / "be.nii.gz")
-    for path in (tmp_path / "be.nii.gz", real("nib_anatomical.nii")):
+    for path in (tmp_path / "be.nii.gz", real_image("nib_anatomical.nii")):
         image = nifti.open_nifti(path)
         voxels = image.dataobj.get_unscaled()
         assert voxels.dtype == np.dtype("int16") and voxels.dtype.isnative
@@ -461,7 +465,7 @@ def test_nifti_from_bytes_swaps_big_endian_in_place(tmp_path):
 
 
 def test_open_nifti_errors(tmp_path):
-    blob = real("nib_example4d.nii.gz").read_bytes()
+    blob = real_image("nib_example4d.nii.gz").read_bytes()
     payload = gzip.decompress(blob)
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(payload[: len(payload) // 2]))
     with pytest.raises(InputError, match="truncated"):
@@ -473,7 +477,7 @@ def test_open_nifti_errors(tmp_path):
     with pytest.raises(InputError):
         nifti.open_nifti(tmp_path / "cut.nii.gz")
     with pytest.raises(nifti.NotNifti, match="not a NIfTI"):
-        nifti.open_nifti(real("spm99_single_subj_T1.hdr"))
+        nifti.open_nifti(real_image("spm99_single_subj_T1.hdr"))
     with pytest.raises(InputError, match="file not found"):
         nifti.open_nifti(tmp_path / "none.nii.gz")
 

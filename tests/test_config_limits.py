@@ -23,7 +23,7 @@ import pytest
 
 from niconv.config import load_config
 from niconv.errors import ConfigError
-from conftest import write_config
+from helpers import write_config
 
 BASE = "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n"
 

@@ -12,7 +12,7 @@ from niconv.converters.preprocess import preprocess_volume
 from niconv.converters.slices import parse_options
 from niconv.errors import ConfigError
 from niconv.schema import ConfigModel, did_you_mean, validated
-from conftest import niconv, write_config
+from helpers import niconv, write_config
 
 IO = "input: {root: raw}\noutput: {root: out}\n"
 PRE = IO + "convert:\n  to: preprocess\n  steps:\n"

@@ -17,7 +17,7 @@ from niconv import nifti_to_numpy, numpy_to_nifti
 from niconv.config import validate
 from niconv.errors import ConfigError, InputError
 from niconv.ops import resample as rs
-from conftest import REPO, niconv, rows_of, write_config
+from helpers import REPO, niconv, rows_of, write_config
 
 # ---------------------------------------------------------------- helpers
 

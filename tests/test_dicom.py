@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import dicom_report, niconv, rows_of, sha256, tree_listing, write_config
+from helpers import dicom_report, niconv, rows_of, sha256, tree_listing, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

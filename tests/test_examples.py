@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 
 import numpy as np
 
-from conftest import REPO, niconv, write_config
+from helpers import example_module, niconv, write_config
 
-sys.path.insert(0, str(REPO / "examples"))
-from npz_cohort import batchable, data_shape  # noqa: E402
+npz_cohort = example_module("npz_cohort")
+batchable, data_shape = npz_cohort.batchable, npz_cohort.data_shape
 
 
 def test_batchable_keeps_the_common_shape_and_names_the_rest(cohort, tmp_path, capsys):

@@ -23,7 +23,7 @@ from nibabel.testing import data_path
 
 from niconv.info import describe
 from niconv.volume import read_volume
-from conftest import EXTRA, niconv, real_image, rows_of, tree_listing, write_config
+from helpers import EXTRA, niconv, real_image, rows_of, tree_listing, write_config
 
 NIB_DATA = Path(data_path)
 # companion data files are read through their header (.PAR, .HEAD, .hdr), never on their own

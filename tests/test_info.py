@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path as NIB_DATA
 
-from conftest import COHORT, EXTRA, niconv
+from helpers import COHORT, niconv
 
 
 def _opens(path: Path) -> bool:

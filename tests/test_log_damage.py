@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from niconv.log import COLUMNS, CsvLog, TaskResult, read_log, read_rows
-from conftest import niconv, write_config
+from helpers import niconv, write_config
 
 NAMES = {"a/dipy_aniso_vox.nii.gz": "dipy_aniso_vox.nii.gz", "a/sct_t2s.nii.gz": "sct_t2s.nii.gz",
          "b/nib_anatomical.nii": "nib_anatomical.nii", "b/nib_functional.nii": "nib_functional.nii",

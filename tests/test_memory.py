@@ -7,11 +7,12 @@ import shutil
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from niconv.config import load_config
 from niconv.runner import concurrency_groups, estimate_memory
 from niconv.scan import build_manifest
-from conftest import niconv, write_config
+from helpers import niconv, write_config
 
 
 def _cohort(tmp_path, cohort):
@@ -23,23 +24,28 @@ def _cohort(tmp_path, cohort):
     return raw
 
 
-def test_estimate_is_the_size_the_header_describes_times_factor(cohort, tmp_path):
+def test_estimate_follows_the_size_the_header_describes(cohort, tmp_path):
     raw = _cohort(tmp_path, cohort)
     cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n")
     tasks = {t.rel_path: t for t in build_manifest(load_config(cfg))}
-    # header (and extensions) plus voxels, as the header says: for a NIfTI exactly its inflated
-    # stream; the MGH footer after the voxels is left out (nothing allocates it)
-    for name, described in (("big.mgz", 284 + 256 ** 3), ("small2.nii.gz", 352 + 58 * 58 * 24 * 2)):
+    described = {"big.mgz": 284 + 256 ** 3, "small2.nii.gz": 352 + 58 * 58 * 24 * 2}
+    for name, size in described.items():
+        # header (and extensions) plus voxels, as the header says: for a NIfTI exactly its inflated
+        # stream; the MGH footer after the voxels is left out (nothing allocates it)
         inflated = len(gzip.decompress((raw / name).read_bytes()))
-        assert described <= inflated < described + 65536
-        assert estimate_memory(tasks[name]) == int(described * 1.5)
+        assert size <= inflated < size + 65536
+        # room for the voxels and the converted copy, not the compressed file's size
+        assert size < estimate_memory(tasks[name]) <= 3 * size
+    # read from the header: two files are budgeted in the ratio of their described sizes
+    ratio = estimate_memory(tasks["big.mgz"]) / estimate_memory(tasks["small2.nii.gz"])
+    assert ratio == pytest.approx(described["big.mgz"] / described["small2.nii.gz"], rel=1e-6)
 
 
 def test_budget_forces_serialization_of_big_tasks_only(cohort, tmp_path):
     _cohort(tmp_path, cohort)
     cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert: {to: numpy}\n")
     tasks = build_manifest(load_config(cfg))
-    big = int(256 ** 3 * 1.5)
+    big = estimate_memory(next(t for t in tasks if t.rel_path == "big.mgz"))
     # room for one big task at a time, plenty for the small ones
     groups = concurrency_groups(tasks, jobs=4, budget=big + 1)
     assert [(w, sorted(t.rel_path for t in g)) for w, g in groups] == [

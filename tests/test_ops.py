@@ -8,7 +8,7 @@ import pytest
 from nibabel.processing import resample_from_to
 from scipy import ndimage as ndi
 
-from conftest import real_image
+from helpers import real_image
 from niconv.errors import InputError
 from niconv.ops import crop as crop_ops
 from niconv.ops import intensity as iops

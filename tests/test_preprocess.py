@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from conftest import REPO, real_image
+from helpers import REPO, real_image
 from niconv.converters import get
 from niconv.converters.preprocess import CONVERTER, Options, convert, output_name, pairs, preprocess_volume
 from niconv.errors import ConfigError, InputError, SkippedInput

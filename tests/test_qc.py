@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import niconv, write_config
+from helpers import data_file, niconv, write_config
 from niconv import qc
 from niconv.config import validate
 from niconv.errors import ConfigError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 def real(rel: str) -> Path:
-    path = DATA / rel
-    if not path.exists():
-        pytest.skip(f"test data not found: {path} (the shared test data folder is absent)")
-    return path
+    return data_file(rel)
 
 
 def _save(img, path: Path, codes: tuple[int, int] | None = None) -> Path:

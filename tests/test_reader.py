@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import COHORT, EXTRA
+from helpers import COHORT, EXTRA, NO_DATA
 from niconv import codec, nifti, volume
 from niconv.errors import InputError
 
@@ -26,7 +26,7 @@ NIFTI_NAMES = sorted(p.name for p in COHORT.glob("*") if p.name.lower().endswith
 # every other format of the cohort (and AFNI from extra/), through its entry file
 OTHER = sorted([p for p in COHORT.glob("*") if p.suffix.lower() in (".mgz", ".mnc", ".hdr", ".par")]
                + list(EXTRA.glob("*.HEAD")))
-needs_data = pytest.mark.skipif(not NIFTI_NAMES, reason=f"real test data not found at {COHORT}")
+needs_data = pytest.mark.skipif(not NIFTI_NAMES, reason=NO_DATA)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COHORT, niconv, write_config
+from helpers import COHORT, niconv, write_config
 from niconv.log import read_log
 
 # a folder and a file name that are HTML (the first path holds a whole <script> element)

@@ -23,7 +23,7 @@ import pytest
 
 from niconv.log import COLUMNS, STATUSES
 from niconv.writers import _host_tag
-from conftest import niconv, outputs, rows_of, sha256, write_config
+from helpers import niconv, outputs, rows_of, sha256, write_config
 
 BIG = ("nilearn_mni152_t1_2009a.nii.gz", "fs_brainmask.mgz", "bigbrain_labels.nii.gz", "nib_example4d.nii.gz")
 COPIES = 6

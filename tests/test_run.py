@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from niconv.log import COLUMNS
-from conftest import niconv, rows_of, write_config
+from helpers import niconv, rows_of, write_config
 
 DESIGN_COLUMNS = ["task_id", "status", "converter", "input_path", "output_path", "input_shape", "input_dtype",
                   "output_shape", "output_dtype", "zooms", "axcodes", "bytes_in", "bytes_out", "sha256", "seconds",

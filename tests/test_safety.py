@@ -19,7 +19,7 @@ from niconv.errors import LockError, OutputError
 from niconv.lock import run_lock
 from niconv.paths import inside
 from niconv.writers import TEMP_PREFIX, WriteScope, atomic_output, remove_stale_temps, writing_into
-from conftest import niconv, outputs, rows_of, sha256, tree_listing as tree, write_config
+from helpers import niconv, outputs, rows_of, sha256, tree_listing as tree, write_config
 
 
 

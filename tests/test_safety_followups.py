@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import niconv, write_config
+from helpers import niconv, write_config
 
 IMAGES = ("dipy_aniso_vox.nii.gz", "sct_t2s.nii.gz")
 

@@ -12,20 +12,13 @@ import tifffile
 from nibabel import orientations as nio
 from PIL import Image
 
+from helpers import data_file
 from niconv import converters
 from niconv.converters.slices import CONVERTER, Options, nifti_to_slices, output_name, parse_options
 from niconv.errors import ConfigError, InputError, UnsupportedInput
 from niconv.manifest import Task
 from niconv.ops import planes as P
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def data_file(rel: str) -> Path:
-    path = DATA / rel
-    if not path.exists():
-        pytest.skip(f"test data not found: {path} (the shared test data folder is absent)")
-    return path
 
 
 def sizes(files: list[str]) -> dict[str, set[tuple[int, int]]]:

@@ -24,7 +24,7 @@ from niconv.lock import run_lock
 from niconv.runner import run
 from niconv.scan import build_manifest
 from niconv.writers import TEMP_PREFIX, WriteScope, _host_tag, atomic_output, writing_into
-from conftest import RUN_FILES, niconv, rows_of, tree_listing, write_config
+from helpers import RUN_FILES, niconv, rows_of, tree_listing, write_config
 
 IMAGES = ("dipy_aniso_vox.nii.gz", "sct_t2s.nii.gz", "nib_anatomical.nii")
 PREPROCESS_NIFTI = "  to: preprocess\n  format: nifti\n  steps:\n    - normalize: {method: zscore}\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from conftest import REPO, rows_of, write_config
+from helpers import REPO, rows_of, write_config
 from niconv import preprocess_steps
 from niconv.cli import main
 from niconv.config import load_config

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from niconv.log import read_log
-from conftest import write_config
+from helpers import write_config
 
 WORK = os.fsdecode(b"cohort-\xfe")            # the folder of config, inputs and outputs
 BAD_FILE = os.fsdecode(b"bad\xff.nii.gz")      # latin-1 / broken bytes in a file name

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import real_image
 from niconv.ops.window import (
     CT_PRESETS,
     Window,
@@ -20,9 +20,6 @@ from niconv.ops.window import (
     percentile_window,
     preset_window,
 )
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def test_ct_presets_are_the_standard_level_width_pairs():
     assert CT_PRESETS["brain"] == (40.0, 80.0)
@@ -149,9 +146,7 @@ def test_label_colors_are_fixed_black_background_and_distinct():
 
 
 def test_real_nan_volume_gets_a_finite_window():
-    path = DATA / "cohort" / "sct_fmri_tsnr.nii.gz"
-    if not path.exists():
-        pytest.skip(f"test data not found: {path}")
+    path = real_image("sct_fmri_tsnr.nii.gz")
     import nibabel as nib
 
     data = np.asanyarray(nib.load(str(path)).dataobj)

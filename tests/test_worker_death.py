@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, niconv, outputs, rows_of, write_config
+from helpers import REPO, niconv, outputs, rows_of, write_config
 
 # the process-tree helpers of the fault-injection script: which processes belong to a run
 _spec = importlib.util.spec_from_file_location("fault_injection", REPO / "benchmarks" / "fault_injection.py")
