@@ -40,7 +40,7 @@ def test_registry_entry_and_names():
     opts = Options(to="preprocess", labels="{stem}_seg.nii.gz", labels_root="/labels", labels_required=False)
     assert output_name("sub-01_T1w", opts) == "sub-01_T1w.npz"
     assert output_name("x", Options(format="nifti")) == "x.nii.gz"
-    assert pairs(opts) == {"label": ("{stem}_seg.nii.gz", Path("/labels"), False)}
+    assert pairs(opts) == {"label": ("{stem}_seg.nii.gz", Path("/labels"))}
     assert pairs(Options()) == {}
 
 

@@ -253,7 +253,7 @@ def _folder_id(path) -> tuple[int, int] | None:
 
 def _refuse_self_pairs(found, resolved_pairs, roles: dict, options) -> None:
     """A pairing pattern that finds the input itself (``{name}`` beside it) would leave nothing to convert."""
-    for role, (pattern, _root, _required) in sorted(roles.items()):
+    for role, (pattern, _root) in sorted(roles.items()):
         selves = [str(root / rel) for (root, rel), pairs in zip(found, resolved_pairs)
                   if (p := dict(pairs)[role]) and os.path.realpath(p) == os.path.realpath(root / rel)]
         if selves:
@@ -292,7 +292,7 @@ def _find_pair(root: Path, rel: str, spec) -> str | None:
     glob (``{stem}.*``) may match only one file there, never the input itself
     nor a temporary file, or :class:`_AmbiguousPair` is raised.
     """
-    pattern, pair_root, _required = spec
+    pattern, pair_root = spec
     relp = PurePosixPath(rel)
     fields = {"stem": image_stem(relp.name), "name": relp.name, "parent": relp.parent.name}
     folders = [Path(pair_root) / relp.parent, Path(pair_root)] if pair_root else [root / relp.parent]

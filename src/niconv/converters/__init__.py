@@ -73,10 +73,13 @@ class Converter:
         ``convert(task, options) -> Conversion``; raises a
         :class:`niconv.errors.NiconvError` subclass for a per-file problem.
     pairs : callable
-        ``pairs(options) -> dict[role, (pattern, root or None, required)]``: the
-        extra inputs each task needs (a reference image, a label map), found by
+        ``pairs(options) -> dict[role, (pattern, root or None)]``: the extra
+        inputs each task needs (a reference image, a label map), found by
         formatting ``pattern`` (a string, or a tuple of them tried in order) with
         ``{stem}``, ``{name}``, ``{parent}``; see :func:`check_pair_patterns`.
+        The scan pairs what it finds (``Task.pair(role)`` is None when nothing
+        is); whether a missing one fails the task is the converter's to say, in
+        ``convert``.
     memory_factor : float
         Peak memory of one task as a multiple of the input array's size in
         bytes, used by the runner's memory budget.

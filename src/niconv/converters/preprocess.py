@@ -159,10 +159,11 @@ def output_name(stem: str, options: Options) -> str:
 
 
 def pairs(options: Options) -> dict:
-    """``{"label": (pattern, root or None, required)}`` when ``labels`` is set, else ``{}``."""
+    """``{"label": (pattern, root or None)}`` when ``labels`` is set, else ``{}``
+    (a missing one fails the task only with ``labels_required``, see :func:`convert`)."""
     if options.labels is None:
         return {}
-    return {"label": (options.labels, options.labels_root, options.labels_required)}
+    return {"label": (options.labels, options.labels_root)}
 
 
 def output_paths(task) -> tuple[str, ...]:

@@ -97,7 +97,7 @@ def output_name(stem: str, options: Options) -> str:
 def pairs(options: Options) -> dict:
     if options.reference is None:
         return {}
-    return {"reference": (options.reference, options.reference_root, True)}
+    return {"reference": (options.reference, options.reference_root)}
 
 
 def array_to_image(data: np.ndarray, affine=None, reference: str | None = None, where: str = ""):
