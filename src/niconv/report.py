@@ -136,7 +136,7 @@ def _qc_pair(input_path: str, rel: str, options: qc.QcOptions) -> str | None:
 
     root = Path(input_path[: len(input_path) - len(rel)] if input_path.endswith(rel) else Path(input_path).parent)
     try:
-        return _find_pair(root, rel, (options.labels, options.labels_root, False))
+        return _find_pair(root, rel, (options.labels, options.labels_root))
     except _AmbiguousPair:
         return None
 

@@ -294,7 +294,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         scope = WriteScope(os.path.realpath(config.output.root), token)
         # trees niconv reads: an input root, or a folder of references or label maps, inside the output tree
         read_roots = [os.path.realpath(r) for r in config.input.root] + [
-            os.path.realpath(root) for _, root, _ in converters.get(config.convert.to).pairs(config.convert).values()
+            os.path.realpath(root) for _, root in converters.get(config.convert.to).pairs(config.convert).values()
             if root is not None]
 
         def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
