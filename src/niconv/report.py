@@ -132,12 +132,12 @@ def _within(path: str, root: str) -> bool:
 
 
 def _qc_pair(input_path: str, rel: str, options: qc.QcOptions) -> str | None:
-    from .scan import _AmbiguousPair, _find_pair
+    from .scan import AmbiguousPair, find_pair
 
     root = Path(input_path[: len(input_path) - len(rel)] if input_path.endswith(rel) else Path(input_path).parent)
     try:
-        return _find_pair(root, rel, (options.labels, options.labels_root))
-    except _AmbiguousPair:
+        return find_pair(root, rel, (options.labels, options.labels_root))
+    except AmbiguousPair:
         return None
 
 

@@ -87,8 +87,8 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         pairs = []
         for role, spec in sorted(roles.items()):
             try:
-                pairs.append((role, _find_pair(root, rel, spec)))
-            except _AmbiguousPair as exc:
+                pairs.append((role, find_pair(root, rel, spec)))
+            except AmbiguousPair as exc:
                 ambiguous[role].append(str(exc))
                 pairs.append((role, None))
         pairs = tuple(pairs)
@@ -280,17 +280,17 @@ def _option_key(options, pattern, role: str) -> str:
     return next((name for name, value in options if value == pattern), role)
 
 
-class _AmbiguousPair(Exception):
+class AmbiguousPair(Exception):
     """A glob pairing pattern matched several files for one input (the message names them)."""
 
 
-def _find_pair(root: Path, rel: str, spec) -> str | None:
+def find_pair(root: Path, rel: str, spec) -> str | None:
     """The file paired with the input ``root / rel``: the first pattern that finds one, or None.
 
     Each pattern is tried in the input's folder (with a pairing root: the
     mirrored folder, then the root itself). A literal pattern names one file; a
     glob (``{stem}.*``) may match only one file there, never the input itself
-    nor a temporary file, or :class:`_AmbiguousPair` is raised.
+    nor a temporary file, or :class:`AmbiguousPair` is raised.
     """
     pattern, pair_root = spec
     relp = PurePosixPath(rel)
@@ -310,7 +310,7 @@ def _find_pair(root: Path, rel: str, spec) -> str | None:
                           if not PurePosixPath(m).name.startswith(TEMP_PREFIX)
                           and os.path.isfile(folder / m) and os.path.realpath(folder / m) != me)
             if len(hits) > 1:
-                raise _AmbiguousPair(f"{root / rel}: {p!r} matches {', '.join(hits)}")
+                raise AmbiguousPair(f"{root / rel}: {p!r} matches {', '.join(hits)}")
             if hits:
                 return hits[0]
     return None
