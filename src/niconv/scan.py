@@ -188,7 +188,7 @@ def ignored_files(config: Config) -> list[tuple[str, str]]:
 def _subject_manifest(config: Config) -> tuple[Task, ...]:
     """One task per subject: its channels in ``convert.channels`` order and its label map.
 
-    The output is named by the subject (each part :func:`niconv.dicom.clean`\ ed):
+    The output is named by the subject (made safe by :func:`niconv.dicom.clean`):
     ``<subject>/<subject>.npz`` (``output.layout: flat``: ``<subject>.npz``). The
     task id covers every file of the subject (relative path and identity) and the options.
     """

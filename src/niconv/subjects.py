@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ScanError
-from .volume import IMAGE_SUFFIXES
 
 #: Layout names ``input.subject`` accepts besides a pattern or a regular expression.
 LAYOUTS = ("brats", "nnunet", "msd")
@@ -41,7 +40,6 @@ BRATS_PATTERN = "{subject}/{subject}_{channel}.nii.gz"
 _FIELDS = ("subject", "channel")
 # a subject key: no folder separator, not a hidden file (macOS leaves ._name copies beside images)
 _SUBJECT = r"[^/.][^/]*"
-_ANY_ENDING = "(?:" + "|".join(re.escape(s) for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True)) + ")"
 
 
 def is_regex(spec: str) -> bool:
@@ -269,8 +267,12 @@ def _selected(available: list[str], channels, where: str) -> tuple[str, ...]:
 
 
 def _ending(description: dict) -> str:
+    from .volume import IMAGE_SUFFIXES  # here: the command line reads LAYOUTS without loading the readers
+
     ending = description.get("file_ending")
-    return re.escape(ending) if isinstance(ending, str) and ending else _ANY_ENDING
+    if isinstance(ending, str) and ending:
+        return re.escape(ending)
+    return "(?:" + "|".join(re.escape(s) for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True)) + ")"
 
 
 def _nnunet(root: Path, rels: list[str], channels, label: str | None) -> Grouped:
