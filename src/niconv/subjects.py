@@ -7,7 +7,9 @@
   every occurrence must match the same text). ``{channel}`` matches one of the
   names in ``convert.channels`` or ``convert.labels`` (longest first), so
   channel names may hold the separator; ``{subject}`` any text without ``/``
-  that does not start with a dot. ``brats`` is short for the pattern above.
+  that does not start with a dot; ``*`` and ``?`` in the pattern's own text
+  match as in a glob (``"{subject}/{subject}_{channel}.nii*"`` takes ``.nii``
+  and ``.nii.gz``). ``brats`` is short for the pattern above.
 - a **regular expression** with named groups ``subject`` and ``channel``,
   matched against the whole relative path (POSIX separators).
 - ``nnunet``: nnU-Net raw data, ``imagesTr/<case>_<XXXX><ending>`` (``XXXX``
@@ -197,7 +199,8 @@ def _pattern_regex(pattern: str, known: tuple[str, ...] | None) -> re.Pattern:
     channel = "|".join(re.escape(c) for c in sorted(set(known), key=len, reverse=True)) if known else "[^/]+"
     parts, seen = [], set()
     for text, name, _, _ in string.Formatter().parse(pattern):
-        parts.append(re.escape(text))
+        # the text's wildcards as in a glob: * any characters but /, ? one of them
+        parts.append(re.escape(text).replace(r"\*", "[^/]*").replace(r"\?", "[^/]"))
         if name is None:
             continue
         if name in seen:

@@ -319,9 +319,8 @@ def resample_onto(data: np.ndarray, affine: np.ndarray, shape, target_affine: np
 
     Each output voxel ``j`` takes the value of ``data`` at the world position
     ``target_affine @ j``; positions outside ``data``'s grid get 0. For
-    ``order >= 2`` the B-spline prefilter runs in float32 (as in
-    :func:`resample`) and the result is clipped to the input's finite value
-    range. No anti-aliasing: this aligns grids of similar voxel size.
+    ``order >= 2`` the result is clipped to the input's finite value range
+    (and 0). No anti-aliasing: this aligns grids of similar voxel size.
 
     Parameters
     ----------
@@ -366,12 +365,10 @@ def resample_onto(data: np.ndarray, affine: np.ndarray, shape, target_affine: np
                              mode="constant", cval=0)
         return output
     lo, hi = _finite_range(data) if order >= 2 else (None, None)
-    source = data
-    if order >= 2:
-        source = np.empty(data.shape, dtype=np.float32)
-        ndi.spline_filter(data, order, output=source, mode="grid-constant")
-    ndi.affine_transform(source, m[:3, :3], offset=m[:3, 3], output_shape=shape, output=output, order=order,
-                         mode="grid-constant", cval=0.0, prefilter=False)
+    # scipy's own prefilter: with zeros outside the grid it pads before filtering (a float64
+    # copy of one channel), which a float32 spline_filter in place cannot do
+    ndi.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape, output=output, order=order,
+                         mode="grid-constant", cval=0.0)
     if lo is not None:
         np.clip(output, min(lo, 0.0), max(hi, 0.0), out=output)
     return output
