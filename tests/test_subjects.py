@@ -428,6 +428,12 @@ def test_subject_config_errors(tmp_path):
     assert key == "convert.channels" and "channel 't1' is named twice" in message
     [(key, message)] = _problems(tmp_path, {"channels": ["t1"], "align": "nearest"})
     assert key == "convert.align" and "'check'" in message and "'resample'" in message
+    data = {"input": {"root": "in", "subject": "brats", "label_maps": ["**/*_seg.nii.gz"]}, "output": {"root": "out"},
+            "convert": {"to": "preprocess", "channels": ["t1"], "labels": "seg"}}
+    with pytest.raises(ConfigError) as exc:
+        load_config(write_config(tmp_path, yaml.safe_dump(data)))
+    assert exc.value.errors == [("input.label_maps", "does not apply with input.subject: a subject's label map is "
+                                                     "its label channel (convert.labels)")]
 
 
 def test_subjects_whose_output_names_collide_are_refused_before_any_work(tmp_path, frozen_inputs, capsys):
@@ -465,9 +471,10 @@ def test_task_ids_follow_every_file_of_a_subject(tmp_path, frozen_inputs):
     frozen_inputs(root)
 
 
-def test_two_subject_sources_sharing_one_channel_name_are_refused(tmp_path):
+def test_two_subject_sources_sharing_one_channel_name_are_refused(tmp_path, frozen_inputs):
     root = _brats(tmp_path / "in", subjects=("s1",))
     shutil.copyfile(root / "s1" / "s1_t1.nii", root / "s1" / "s1_t1.nii.gz")
+    frozen_inputs(root)
     with pytest.raises(ScanError) as exc:
         build_manifest(load_config(_config(tmp_path, {"channels": ["t1"], "steps": []})))
     assert "subject 's1' has two files for channel 't1': s1/s1_t1.nii and s1/s1_t1.nii.gz" in str(exc.value)
@@ -486,7 +493,7 @@ def test_parallel_run_writes_the_same_bytes(tmp_path, frozen_inputs):
 
 
 @pytest.mark.parametrize("layout", ["brats", "nnunet", "msd"])
-def test_init_layout_templates_plan_their_layout(tmp_path, capsys, layout):
+def test_init_layout_templates_plan_their_layout(tmp_path, capsys, frozen_inputs, layout):
     assert _run("init", "--to", "preprocess", "--layout", layout) == 0
     text = capsys.readouterr().out
     assert text.startswith("# niconv config") and "subject:" in text
@@ -502,6 +509,7 @@ def test_init_layout_templates_plan_their_layout(tmp_path, capsys, layout):
         _nnunet(root, {"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".nii.gz"}, cases=("BRATS_001",))
     else:
         _msd(root, {"modality": {"0": "FLAIR", "1": "T1w", "2": "T2w"}})
+    frozen_inputs(root)
     (tmp_path / "c.yaml").write_text(text)
     assert _run("plan", tmp_path / "c.yaml") == 0
     out = capsys.readouterr().out
@@ -512,3 +520,45 @@ def test_init_layout_templates_plan_their_layout(tmp_path, capsys, layout):
 def test_init_layout_needs_the_preprocess_converter(capsys):
     assert _run("init", "--to", "numpy", "--layout", "brats") == 2
     assert "--layout: subjects are converted by --to preprocess, found --to numpy" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Analyze pairs, grid helpers
+
+
+def test_an_analyze_channel_counts_its_img_file(tmp_path, frozen_inputs):
+    hdr = real_image("spm99_single_subj_T1.hdr")
+    folder = tmp_path / "in" / "s1"
+    folder.mkdir(parents=True)
+    for suffix in (".hdr", ".img"):
+        shutil.copyfile(hdr.with_suffix(suffix), folder / f"s1_t1{suffix}")
+    img = nib.load(hdr)
+    t1 = np.asanyarray(img.dataobj)[..., 0].astype(np.float32)
+    _save(t1.max() - t1, img.affine, folder / "s1_t2.nii.gz")
+    cfg = load_config(_config(tmp_path, {"channels": ["t1", "t2"], "steps": []}, subject="{subject}/{subject}_{channel}.*"))
+    [task] = build_manifest(cfg)
+    assert task.subject.files == (str(folder / "s1_t1.hdr"), str(folder / "s1_t2.nii.gz"))
+    img_file = folder / "s1_t1.img"
+    st = img_file.stat()
+    os.utime(img_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    [again] = build_manifest(cfg)
+    assert again.task_id != task.task_id
+    frozen_inputs(tmp_path / "in")
+    assert _run("run", cfg.source) == 0
+    with np.load(tmp_path / "out" / "s1" / "s1.npz") as z:
+        np.testing.assert_array_equal(z["data"][0], t1)  # scaled by the SPM factor, as nibabel reads it
+        np.testing.assert_array_equal(z["data"][1], t1.max() - t1)
+
+
+def test_grid_difference_in_mm_and_degrees():
+    from niconv.ops.resample import grid_difference
+
+    a = np.diag([2.0, 2.0, 2.0, 1.0])
+    assert grid_difference((10, 10, 10), a, (10, 10, 10), a) == (0.0, 0.0)
+    b = a.copy()
+    b[:3, 3] = [3.0, 4.0, 0.0]
+    assert grid_difference((10, 10, 10), a, (10, 10, 10), b) == (5.0, 0.0)
+    c = a.copy()
+    c[:3, :3] = np.array([[0.0, -2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # 90 degrees about z
+    mm, degrees = grid_difference((10, 10, 10), a, (10, 10, 10), c)
+    # voxel (i, j, k) is at (2i, 2j, 2k) and (-2j, 2i, 2k): 2 * sqrt(2 (i^2 + j^2)) apart, 36 mm at (9, 9, k)
+    assert degrees == pytest.approx(90.0) and mm == pytest.approx(36.0)

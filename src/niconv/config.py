@@ -396,6 +396,9 @@ def _subject_problems(config: Config) -> list[tuple[str, str]]:
     if conv.labels is not None and not is_channel_name(conv.labels):
         problems.append(("convert.labels", f"with input.subject, labels names the label channel (e.g. seg), "
                                            f"found the pairing pattern {show(conv.labels)}"))
+    if config.input.label_maps:
+        problems.append(("input.label_maps", "does not apply with input.subject: a subject's label map is its "
+                                             "label channel (convert.labels)"))
     if conv.labels_root is not None:
         problems.append(("convert.labels_root", "does not apply with input.subject: the label map is one of a "
                                                 "subject's files"))

@@ -213,9 +213,14 @@ def _subject_manifest(config: Config) -> tuple[Task, ...]:
             files = sorted({(m.rel, m.channel) for m in members.values()})
             identity = {"subject": name, "channels": list(found.channels),
                         "files": [[channel, rel, _identity(root / rel, how)] for rel, channel in files]}
+            # the voxels of an .hdr live in its .img: a changed .img is a changed subject
+            companions = [c for p in subject.files for c in _companions(Path(p))]
+            if companions:
+                identity["companions"] = {str(c.relative_to(root)): _identity(c, how) for c in companions}
             first = subject.files[0] if subject.files else str(root)
             owners[str(out)].append(f"subject {name!r} in {root}")
             sources.extend(subject.files)
+            sources.extend(str(c) for c in companions)
             tasks.append(Task(
                 task_id=task_id(identity, conv.name, options.model_dump(mode="json")),
                 converter=conv.name,

@@ -32,9 +32,23 @@ Output
     Only when a label map is paired: the label map in its own integer dtype,
     shape ``(1, X, Y, Z)`` or ``(X, Y, Z, 1)`` like ``data``.
 
-``format: npy`` writes ``data`` alone (and ``<stem>_label.npy`` beside it);
+``channels``
+    Only for a subject (``input.subject``): the channel names, in C order (unicode strings).
+
+``format: npy`` writes ``data`` alone (and ``<stem>_label.npy`` beside it), C-ordered,
+so ``np.load(path, mmap_mode="r")`` reads it without a copy;
 ``format: nifti`` writes ``<stem>.nii.gz`` (``(X, Y, Z[, C])``, the output affine
 as sform and qform) and ``<stem>_label.nii.gz`` so results can be viewed.
+
+Subjects
+--------
+With ``input.subject`` a task is one subject (:class:`niconv.manifest.Subject`):
+its channel files are read in ``channels`` order, each must lie on the first
+channel's voxel grid (same shape, voxel positions within ``tolerance``: else the
+task fails naming both files, or ``align: resample`` resamples it onto that grid
+with :func:`niconv.ops.resample.resample_onto`), and they are stacked as the C
+axis before the steps; ``labels`` names the label channel. The output is named by
+the subject; ``details`` gains ``subject``, ``channels``, ``files`` and ``align``.
 
 Dtype and NaN policy
 --------------------
