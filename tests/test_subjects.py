@@ -471,6 +471,17 @@ def test_task_ids_follow_every_file_of_a_subject(tmp_path, frozen_inputs):
     frozen_inputs(root)
 
 
+def test_options_of_one_image_configs_are_recorded_as_before():
+    """Task ids hash the options' record: the subject options, unset, must not change it."""
+    from niconv.converters.preprocess import Options, pairs
+
+    record = Options(labels="{stem}_seg.nii.gz").model_dump(mode="json")
+    assert list(record) == ["to", "steps", "labels", "labels_root", "labels_required", "layout", "format", "nan",
+                            "compressed"]
+    assert pairs(Options(labels="seg")) == {}  # a label channel's name is not a pairing pattern
+    assert Options(channels=["a"], align="resample").model_dump(mode="json")["align"] == "resample"
+
+
 def test_two_subject_sources_sharing_one_channel_name_are_refused(tmp_path, frozen_inputs):
     root = _brats(tmp_path / "in", subjects=("s1",))
     shutil.copyfile(root / "s1" / "s1_t1.nii", root / "s1" / "s1_t1.nii.gz")

@@ -241,7 +241,7 @@ def output_name(stem: str, options: Options) -> str:
 def pairs(options: Options) -> dict:
     """``{"label": (pattern, root or None)}`` when ``labels`` is set, else ``{}``
     (a missing one fails the task only with ``labels_required``, see :func:`convert`)."""
-    if options.labels is None:
+    if options.labels is None or is_channel_name(options.labels):  # a subject's label channel is no pairing
         return {}
     return {"label": (options.labels, options.labels_root)}
 
