@@ -180,6 +180,8 @@ def test_missing_channel_fails_naming_it_and_extra_files_are_listed_by_plan(tmp_
             f"(channel 't1gd' is not in convert.channels or convert.labels)") in out
     assert f"ignored  {root / 'notes.nii.gz'} (does not match input.subject '{{subject}}/{{subject}}_{{channel}}.nii*')" in out
     assert sum(line.endswith("BraTS_001/BraTS_001.npz") for line in out) == 1
+    assert _run("validate", cfg) == 0
+    assert f"{cfg} is valid (2 subject(s), to: preprocess" in capsys.readouterr().out
     assert _run("run", cfg) == 1
     rows = _rows(tmp_path)
     assert rows["BraTS_001"]["status"] == "ok"

@@ -264,7 +264,8 @@ def _print_subject(subject) -> None:
 
 def cmd_validate(args) -> int:
     config, tasks = _load(args)
-    print(f"niconv: {args.config} is valid ({len(tasks)} input(s), to: {config.convert.to}, "
+    what = "subject(s)" if config.input.subject is not None else "input(s)"
+    print(f"niconv: {args.config} is valid ({len(tasks)} {what}, to: {config.convert.to}, "
           f"output: {config.output.root})")
     return EXIT_OK
 
