@@ -575,3 +575,15 @@ def test_grid_difference_in_mm_and_degrees():
     mm, degrees = grid_difference((10, 10, 10), a, (10, 10, 10), c)
     # voxel (i, j, k) is at (2i, 2j, 2k) and (-2j, 2i, 2k): 2 * sqrt(2 (i^2 + j^2)) apart, 36 mm at (9, 9, k)
     assert degrees == pytest.approx(90.0) and mm == pytest.approx(36.0)
+
+
+def test_memory_estimate_counts_every_file_of_a_subject(tmp_path, frozen_inputs):
+    from niconv.runner import estimate_memory
+    from niconv.volume import image_bytes
+
+    frozen_inputs(_brats(tmp_path / "in", subjects=("s1",)))
+    [task] = build_manifest(load_config(_config(tmp_path, {"channels": CHANNELS, "labels": "seg", "steps": []})))
+    assert len(task.subject.files) == 5
+    # 4 float32-sized channels (the int16 t1 at half) and a uint8 label map, each x the converter's factor
+    assert estimate_memory(task) == sum(int(image_bytes(p) * 9.0) for p in task.subject.files)
+    assert estimate_memory(task) > 4 * 33 * 41 * 25 * 4 * 9 * 0.8
