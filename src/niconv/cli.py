@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__, converters
 from .errors import ClusterError, ConfigError, LockError, LogError, NiconvError, ScanError
 from .manifest import MAX_SHARDS, TASKS_PER_SHARD, default_shards
+from .subjects import LAYOUTS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = add_command(sub, "init", "print a commented example config")
     i.add_argument("--to", choices=converters.names(), default="numpy",
                    help="the converter of the example (default: numpy)")
+    i.add_argument("--layout", choices=LAYOUTS,
+                   help="with --to preprocess: a training set of multi-channel subjects in this layout")
 
     inf = add_command(sub, "info", "describe images and NumPy files: shape, dtype, zooms, orientation, scaling")
     inf.add_argument("files", nargs="+", metavar="FILE", help="images (any format nibabel reads), .npy or .npz")
@@ -231,8 +234,17 @@ def cmd_plan(args) -> int:
     else:
         for t in shown:
             target = f"({why[t.task_id]})" if t.task_id in why else f"-> {t.output_path}"
+            if t.subject is not None:  # a subject: its files, one line each
+                print(f"{t.task_id}  {state[t.task_id]:<7}  subject {t.subject.name} {target}")
+                _print_subject(t.subject)
+                continue
             series = f" [{t.series.label}]" if t.series is not None else ""  # a DICOM series: what it holds
             print(f"{t.task_id}  {state[t.task_id]:<7}  {t.input_path}{series} {target}")
+        if config.input.subject is not None:
+            from .scan import ignored_files
+
+            for path, reason in ignored_files(config):
+                print(f"ignored  {path} ({reason})")
         count = collections.Counter(state.values())
         print(f"niconv: {len(shown)} task(s): {count['pending']} pending, {count['done']} done, "
               f"{count['failed']} failed earlier, {count['skipped']} skipped", file=sys.stderr)
@@ -241,15 +253,30 @@ def cmd_plan(args) -> int:
     return EXIT_OK
 
 
+def _print_subject(subject) -> None:
+    """The channel files of a subject under its plan line; a missing channel says so."""
+    for name, path, index in subject.channels:
+        where = (path + (f" [volume {index}]" if index is not None else "")) if path else "MISSING (the task will fail)"
+        print(f"    {name}: {where}")
+    if subject.label_name is not None:
+        print(f"    {subject.label_name} (label map): {subject.label or 'none found'}")
+
+
 def cmd_validate(args) -> int:
     config, tasks = _load(args)
-    print(f"niconv: {args.config} is valid ({len(tasks)} input(s), to: {config.convert.to}, "
+    what = "subject(s)" if config.input.subject is not None else "input(s)"
+    print(f"niconv: {args.config} is valid ({len(tasks)} {what}, to: {config.convert.to}, "
           f"output: {config.output.root})")
     return EXIT_OK
 
 
 def cmd_init(args) -> int:
-    text = resources.files("niconv.templates").joinpath(f"{args.to}.yaml").read_text(encoding="utf-8")
+    name = args.to
+    if args.layout is not None:
+        if args.to != "preprocess":
+            raise ConfigError("--layout", f"subjects are converted by --to preprocess, found --to {args.to}")
+        name = f"preprocess_{args.layout}"
+    text = resources.files("niconv.templates").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     sys.stdout.write(text)
     return EXIT_OK
 

@@ -23,7 +23,8 @@ from .limits import usable_cpus
 from .manifest import MAX_SHARDS, TASKS_PER_SHARD
 from .paths import resolve_path
 from .qc import QcOptions, qc_options
-from .schema import ConfigModel, found, show, validated
+from .schema import ConfigModel, config_error, found, show, validated
+from .subjects import LAYOUTS, check_subject
 from .text import first_line
 
 
@@ -50,6 +51,12 @@ class InputSpec(ConfigModel):
         default_factory=list, description="globs of inputs that are label maps (values kept, nearest neighbour, no window)")
     identity: Literal["mtime", "content"] = Field(
         "mtime", description="what tells a changed input: size + mtime, or a sha256 of the content")
+    subject: Optional[str] = Field(
+        None, description="one task per subject (to: preprocess): a pattern such as "
+                          "'{subject}/{subject}_{channel}.nii.gz', a regular expression with named groups "
+                          f"subject and channel, or a layout: {', '.join(LAYOUTS)}")
+
+    _subject = field_validator("subject")(lambda v: check_subject(v))
 
     @field_validator("root", mode="before")
     @classmethod
@@ -359,4 +366,46 @@ def validate(data: dict, base: str | os.PathLike = ".", where: str = "<config>")
         expanded) or contains itself, or any key is invalid.
     """
     _check_expansion(data, where)
-    return validated(Config, data, where=where, context={"base": str(base)})
+    config = validated(Config, data, where=where, context={"base": str(base)})
+    problems = _subject_problems(config)
+    if problems:
+        raise config_error(problems, where)
+    return config
+
+
+def _subject_problems(config: Config) -> list[tuple[str, str]]:
+    """``(key, message)`` for the keys whose meaning depends on ``input.subject``.
+
+    ``convert.labels`` has two readings: with ``input.subject`` it names the
+    label channel (``seg``); without, it is the pairing pattern of each image's
+    label map (``{stem}_seg.nii.gz``).
+    """
+    from .converters.preprocess import is_channel_name  # here: only preprocess has these keys
+
+    spec, conv = config.input.subject, config.convert
+    if spec is None:
+        if conv.to == "preprocess" and conv.labels is not None and is_channel_name(conv.labels):
+            return [("convert.labels", f"{conv.labels!r} names a label channel, which needs input.subject; to pair "
+                                       f"each image with its label map, give a pattern such as "
+                                       f"'{{stem}}_{conv.labels}.nii.gz'")]
+        used = [k for k in ("channels", "align", "tolerance") if getattr(conv, k, None) is not None]
+        return [(f"convert.{k}", "applies to subjects only: set input.subject too") for k in used]
+    if conv.to != "preprocess":
+        return [("input.subject", f"subjects are converted by to: preprocess only, found to: {conv.to}")]
+    problems = []
+    if conv.labels is not None and not is_channel_name(conv.labels):
+        problems.append(("convert.labels", f"with input.subject, labels names the label channel (e.g. seg), "
+                                           f"found the pairing pattern {show(conv.labels)}"))
+    if config.input.label_maps:
+        problems.append(("input.label_maps", "does not apply with input.subject: a subject's label map is its "
+                                             "label channel (convert.labels)"))
+    if conv.labels_root is not None:
+        problems.append(("convert.labels_root", "does not apply with input.subject: the label map is one of a "
+                                                "subject's files"))
+    if spec not in ("nnunet", "msd") and not conv.channels:
+        problems.append(("convert.channels", f"expected the channel names in C-axis order (e.g. [t1, t1ce, t2, "
+                                             f"flair]): input.subject {spec!r} needs them"))
+    if conv.channels and conv.labels in conv.channels:
+        problems.append(("convert.labels", f"{conv.labels!r} is also in convert.channels; the label channel is "
+                                           f"not an image channel"))
+    return problems

@@ -260,6 +260,7 @@ def _alone(task: Task, jobs: int, scope, memory: Callable[[Task], int], after_de
         cause += f"; likely out of memory: peak estimate {memory(task) / 2**30:.1f} GiB"
     return TaskResult(task_id=task.task_id, status="failed", converter=task.converter,
                       input_path=task.input_path, output_path=task.output_path, bytes_in=task.bytes_in,
+                      subject=task.subject.name if task.subject is not None else "",
                       error_type="WorkerDied",
                       error_message=f"{task.input_path}: {cause}); it was run twice, the second time "
                                     "alone, and its worker died both times")

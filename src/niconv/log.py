@@ -34,7 +34,8 @@ class TaskResult:
     Shapes are written ``128x96x24x2``, zooms ``2x2x2.2x2000``, dtypes as NumPy
     names (:mod:`niconv.text`), axis codes as ``LAS``; paths are absolute.
     ``details`` is a JSON object of converter-specific provenance (window used,
-    spacing after resampling, ...).
+    spacing after resampling, ...). ``subject`` is the subject key of a
+    multi-channel subject's task (``input.subject``), else empty.
     """
 
     task_id: str
@@ -55,6 +56,7 @@ class TaskResult:
     error_type: str = ""
     error_message: str = ""
     details: str = ""
+    subject: str = ""
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TaskResult))

@@ -60,6 +60,42 @@ class Series:
 
 
 @dataclass(frozen=True)
+class Subject:
+    """The files of one multi-channel subject a task converts (``input.subject``).
+
+    Attributes
+    ----------
+    name : str
+        The subject key as found in the file names.
+    channels : tuple of (str, str, int or None)
+        ``(channel name, absolute path, volume index)`` in C-axis order; the
+        path is ``""`` for a channel the scan did not find (the task fails,
+        naming it), the index is the volume of a 4D file holding the channel
+        (``msd``), None for a whole file.
+    label : str or None
+        Absolute path of the label map; None when there is none.
+    label_name : str or None
+        The label channel's name (``convert.labels``).
+    """
+
+    name: str
+    channels: tuple[tuple[str, str, int | None], ...]
+    label: str | None = None
+    label_name: str | None = None
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The channels not found."""
+        return tuple(name for name, path, _ in self.channels if not path)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file read, channels in order then the label map, each once."""
+        paths = [p for _, p, _ in self.channels if p] + ([self.label] if self.label else [])
+        return tuple(dict.fromkeys(paths))
+
+
+@dataclass(frozen=True)
 class Task:
     """One conversion of one input: a file, or a DICOM series (``series``).
 
@@ -92,6 +128,9 @@ class Task:
         None for a task of one input file.
     qc : bool
         Measure the volume's QC figures after converting it (``qc: true``), into ``details``.
+    subject : Subject or None
+        The multi-channel subject this task converts (``input.subject``); its
+        ``input_path`` is then the first file found of the subject.
     """
 
     task_id: str
@@ -105,6 +144,7 @@ class Task:
     label_map: bool = False
     series: Series | None = None
     qc: bool = False
+    subject: Subject | None = None
 
     def pair(self, role: str) -> str | None:
         """The path of the extra input playing ``role``, or None."""

@@ -166,11 +166,13 @@ def estimate_memory(task: Task) -> int:
     (``preprocess`` upsampling or padding) reads more of the header.
     """
     conv = converters.get(task.converter)
-    return int(_uncompressed_bytes(task) * conv.memory_factor) + int(conv.memory_extra(task.input_path, task.options))
+    # a subject reads all of its files: each counts (a channel grown by the steps too)
+    paths = task.subject.files if task.subject is not None else (task.input_path,)
+    return sum(int(_uncompressed_bytes(task, p) * conv.memory_factor) + int(conv.memory_extra(p, task.options))
+               for p in paths)
 
 
-def _uncompressed_bytes(task: Task) -> int:
-    path = task.input_path
+def _uncompressed_bytes(task: Task, path: str) -> int:
     described = image_bytes(path)
     if described is not None:
         return described

@@ -22,10 +22,10 @@ from pathlib import Path, PurePosixPath
 
 from wcmatch import glob as wglob
 
-from . import converters, dicom
+from . import converters, dicom, subjects
 from .config import Config
 from .errors import OutputError, ScanError
-from .manifest import Series, Task, file_sha256, task_id
+from .manifest import Series, Subject, Task, file_sha256, task_id
 from .paths import inside
 from .safety import check_plan, show_some
 from .volume import ARRAY_SUFFIXES, IMAGE_SUFFIXES, image_stem
@@ -61,6 +61,8 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     ConfigError
         If the log or run record is an input, or exists and is not niconv's.
     """
+    if config.input.subject is not None:
+        return _subject_manifest(config)
     conv = converters.get(config.convert.to)
     options = config.convert
     include = config.input.include or default_include(conv.inputs)
@@ -139,17 +141,102 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         owners[task.output_path].append(f"{task.input_path} ({task.series.label})")
         sources.extend(task.series.files)
         tasks.append(task)
+    fix = ("use output.layout: mirror, or exclude all but one of them with input.exclude"
+           if config.output.layout == "flat" else
+           "their names differ only in the extension, or several input roots hold the same relative path: "
+           "exclude all but one of them with input.exclude, or convert the roots with separate configs")
+    _refuse_clashes(owners, "input", fix)
+    tasks = tuple(tasks)
+    check_plan(config, tasks, sources, scanned)
+    return tasks
+
+
+def _refuse_clashes(owners: dict[str, list[str]], what: str, fix: str) -> None:
+    """Two inputs (or subjects) that would write the same output: an error before any work."""
     clashes = {out: srcs for out, srcs in owners.items() if len(srcs) > 1}
     if clashes:
         lines = [f"{out} <- {', '.join(srcs)}" for out, srcs in sorted(clashes.items())]
-        fix = ("use output.layout: mirror, or exclude all but one of them with input.exclude"
-               if config.output.layout == "flat" else
-               "their names differ only in the extension, or several input roots hold the same relative path: "
-               "exclude all but one of them with input.exclude, or convert the roots with separate configs")
-        raise ScanError("output", f"{len(clashes)} output(s) would be written by more than one input "
+        raise ScanError("output", f"{len(clashes)} output(s) would be written by more than one {what} "
                                   f"({fix}):\n  " + "\n  ".join(lines))
+
+
+def find_subjects(config: Config) -> list[tuple[Path, subjects.Grouped]]:
+    """The subjects of every input root (``input.subject``), with the files each root leaves unused.
+
+    Raises
+    ------
+    ScanError
+        If an input root does not exist, or as :func:`niconv.subjects.group`.
+    """
+    include = config.input.include or default_include("image")
+    scanned = _matcher(include, list(config.input.exclude))
+    out = []
+    for root in config.input.root:
+        if not root.is_dir():
+            raise ScanError("input.root", f"expected an existing folder, found {'a file' if root.exists() else 'nothing'} at {root}")
+        rels = [rel for rel in _walk(root, scanned, Path(config.output.root)) if (root / rel).is_file()]
+        out.append((root, subjects.group(root, rels, config.input.subject, config.convert.channels,
+                                         config.convert.labels)))
+    return out
+
+
+def ignored_files(config: Config) -> list[tuple[str, str]]:
+    """``(absolute path, why)`` of every scanned file no subject uses, in scan order (``niconv plan``)."""
+    return [(str(root / rel), why) for root, found in find_subjects(config) for rel, why in found.ignored]
+
+
+def _subject_manifest(config: Config) -> tuple[Task, ...]:
+    """One task per subject: its channels in ``convert.channels`` order and its label map.
+
+    The output is named by the subject (made safe by :func:`niconv.dicom.clean`):
+    ``<subject>/<subject>.npz`` (``output.layout: flat``: ``<subject>.npz``). The
+    task id covers every file of the subject (relative path and identity) and the options.
+    """
+    conv = converters.get(config.convert.to)
+    options = config.convert
+    how = config.input.identity
+    label_name = options.labels
+    include = config.input.include or default_include("image")
+    tasks, sources, owners = [], [], defaultdict(list)
+    for root, found in find_subjects(config):
+        for name, members in sorted(found.subjects.items()):
+            clean = dicom.clean(name)
+            rel_out = conv.output_name(clean if config.output.layout == "flat" else f"{clean}/{clean}", options)
+            try:
+                out = inside(config.output.root, rel_out)
+            except OutputError as exc:  # not reached: a cleaned name has no separator
+                raise ScanError(str(root), exc.message) from exc
+            channels = tuple((c, str(root / members[c].rel) if c in members else "",
+                              members[c].index if c in members else None) for c in found.channels)
+            label = str(root / members[label_name].rel) if label_name in members else None
+            subject = Subject(name=name, channels=channels, label=label, label_name=label_name)
+            files = sorted({(m.rel, m.channel) for m in members.values()})
+            identity = {"subject": name, "channels": list(found.channels),
+                        "files": [[channel, rel, _identity(root / rel, how)] for rel, channel in files]}
+            # the voxels of an .hdr live in its .img: a changed .img is a changed subject
+            companions = [c for p in subject.files for c in _companions(Path(p))]
+            if companions:
+                identity["companions"] = {str(c.relative_to(root)): _identity(c, how) for c in companions}
+            first = subject.files[0] if subject.files else str(root)
+            owners[str(out)].append(f"subject {name!r} in {root}")
+            sources.extend(subject.files)
+            sources.extend(str(c) for c in companions)
+            tasks.append(Task(
+                task_id=task_id(identity, conv.name, options.model_dump(mode="json")),
+                converter=conv.name,
+                input_path=first,
+                rel_path=os.path.relpath(first, root) if subject.files else ".",
+                output_path=str(out),
+                options=options,
+                bytes_in=sum(_bytes(Path(p)) for p in subject.files),
+                qc=config.qc.run,
+                subject=subject,
+            ))
+    _refuse_clashes(owners, "subject", "subject names that differ only in characters a file name cannot hold, "
+                                       "or the same subject in several input roots: exclude all but one with "
+                                       "input.exclude")
     tasks = tuple(tasks)
-    check_plan(config, tasks, sources, scanned)
+    check_plan(config, tasks, sources, _matcher(include, list(config.input.exclude)))
     return tasks
 
 

@@ -50,7 +50,8 @@ def convert_one(task: Task, scope: WriteScope | None = None) -> TaskResult:
 def _convert(task: Task) -> TaskResult:
     start = time.perf_counter()
     base = dict(task_id=task.task_id, converter=task.converter, input_path=task.input_path,
-                output_path=task.output_path, bytes_in=task.bytes_in)
+                output_path=task.output_path, bytes_in=task.bytes_in,
+                subject=task.subject.name if task.subject is not None else "")
     try:
         conv = converters.get(task.converter)
         # a library's warnings about this file (nibabel: "multiple TRs found in .PAR file")

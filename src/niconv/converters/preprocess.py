@@ -32,9 +32,23 @@ Output
     Only when a label map is paired: the label map in its own integer dtype,
     shape ``(1, X, Y, Z)`` or ``(X, Y, Z, 1)`` like ``data``.
 
-``format: npy`` writes ``data`` alone (and ``<stem>_label.npy`` beside it);
+``channels``
+    Only for a subject (``input.subject``): the channel names, in C order (unicode strings).
+
+``format: npy`` writes ``data`` alone (and ``<stem>_label.npy`` beside it), C-ordered,
+so ``np.load(path, mmap_mode="r")`` reads it without a copy;
 ``format: nifti`` writes ``<stem>.nii.gz`` (``(X, Y, Z[, C])``, the output affine
 as sform and qform) and ``<stem>_label.nii.gz`` so results can be viewed.
+
+Subjects
+--------
+With ``input.subject`` a task is one subject (:class:`niconv.manifest.Subject`):
+its channel files are read in ``channels`` order, each must lie on the first
+channel's voxel grid (same shape, voxel positions within ``tolerance``: else the
+task fails naming both files, or ``align: resample`` resamples it onto that grid
+with :func:`niconv.ops.resample.resample_onto`), and they are stacked as the C
+axis before the steps; ``labels`` names the label channel. The output is named by
+the subject; ``details`` gains ``subject``, ``channels``, ``files`` and ``align``.
 
 Dtype and NaN policy
 --------------------
@@ -46,12 +60,13 @@ before any step (they would spread through interpolation); ``keep`` leaves them
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import nibabel as nib
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from ..codec import write_nifti_gz, write_npy, write_npz
 from ..text import fmt_shape
@@ -68,6 +83,25 @@ from ..writers import atomic_output
 from . import Conversion, Converter, check_pair_patterns, show_patterns
 
 _SUFFIX = {"npz": ".npz", "npy": ".npy", "nifti": ".nii.gz"}
+# options that only subjects (input.subject) use: left out of the options' record while unset,
+# so the task ids of configs written before subjects existed stay what they were
+_SUBJECT_OPTIONS = ("channels", "align", "tolerance")
+# a label channel's name (convert.labels with input.subject): a word, never a file name or pattern
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_+-]+")
+
+
+def is_channel_name(labels) -> bool:
+    """True if ``convert.labels`` names a label channel (``seg``) rather than a pairing pattern."""
+    return isinstance(labels, str) and _CHANNEL_NAME.fullmatch(labels) is not None
+
+
+class Tolerance(ConfigModel):
+    """``convert.tolerance``: how far a subject's channels and label map may be from one grid."""
+
+    mm: float = Field(0.01, ge=0, allow_inf_nan=False,
+                      description="largest distance (mm) between the same voxel's centres in two files")
+    degrees: float = Field(0.01, ge=0, allow_inf_nan=False,
+                           description="largest angle (degrees) between the same voxel axis in two files")
 
 
 class Options(ConfigModel):
@@ -100,6 +134,18 @@ class Options(ConfigModel):
         B-spline prefilter is recursive): resample with ``order: 1`` then.
     compressed : bool
         Deflate the ``.npz`` members.
+    channels : tuple of str or None
+        With ``input.subject``: the channels of a subject, in C-axis order
+        (for ``nnunet``/``msd``: a selection of the dataset's, default all).
+    align : {"check", "resample"} or None
+        With ``input.subject``: a channel or label map off the first channel's
+        grid fails the task (``check``, the default) or is resampled onto it
+        (``resample``: cubic spline for channels, nearest neighbour for the label map).
+    tolerance : Tolerance or None
+        With ``input.subject``: how far from the first channel's grid a file
+        may lie and still count as on it (default 0.01 mm, 0.01 degrees).
+
+    With ``input.subject``, ``labels`` names the label channel (``seg``), not a pattern.
     """
 
     to: Literal["preprocess"] = "preprocess"
@@ -116,6 +162,13 @@ class Options(ConfigModel):
     format: Literal["npz", "npy", "nifti"] = Field("npz", description="npz: data, affine, spacing[, label]")
     nan: Literal["zero", "keep", "error"] = Field("zero", description="NaN/inf voxels: set to 0 first, keep, or fail")
     compressed: bool = Field(True, description="deflate the .npz members")
+    channels: Optional[tuple[str, ...]] = Field(
+        None, description="with input.subject: the channel names in C-axis order, e.g. [t1, t1ce, t2, flair]")
+    align: Optional[Literal["check", "resample"]] = Field(
+        None, description="with input.subject: check (default: a channel off the first one's grid fails) "
+                          "or resample (onto the first channel's grid)")
+    tolerance: Optional[Tolerance] = Field(
+        None, description="with input.subject: {mm: 0.01, degrees: 0.01}, how far channels may be from one grid")
 
     _labels_root = field_validator("labels_root", mode="before")(resolve_path)
 
@@ -136,7 +189,34 @@ class Options(ConfigModel):
         check_order(v)
         return v
 
-    _labels = field_validator("labels")(lambda v: check_pair_patterns(v))
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v):
+        # a bare word is a label channel's name (input.subject); the config checks which reading applies
+        return v if is_channel_name(v) else check_pair_patterns(v)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("expected a list of channel names, found an empty list")
+        for name in v:
+            if not name or "/" in name or name != name.strip():
+                raise ValueError(f"expected channel names without '/' or surrounding spaces, found {name!r}")
+        twice = sorted({c for c in v if v.count(c) > 1})
+        if twice:
+            raise ValueError(f"channel {twice[0]!r} is named twice; each channel is one slot of the C axis")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _record(self, handler):
+        data = handler(self)
+        for key in _SUBJECT_OPTIONS:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
     @model_validator(mode="after")
     def _labels_root_needs_labels(self):
@@ -161,14 +241,15 @@ def output_name(stem: str, options: Options) -> str:
 def pairs(options: Options) -> dict:
     """``{"label": (pattern, root or None)}`` when ``labels`` is set, else ``{}``
     (a missing one fails the task only with ``labels_required``, see :func:`convert`)."""
-    if options.labels is None:
+    if options.labels is None or is_channel_name(options.labels):  # a subject's label channel is no pairing
         return {}
     return {"label": (options.labels, options.labels_root)}
 
 
 def output_paths(task) -> tuple[str, ...]:
     """The output, and beside it the label map's (``<stem>_label``) when one is paired and not in the ``.npz``."""
-    if task.pair("label") is None or task.options.format == "npz":
+    labelled = task.subject.label if task.subject is not None else task.pair("label")
+    if labelled is None or task.options.format == "npz":
         return (task.output_path,)
     return (task.output_path, _label_output(task.output_path))
 
@@ -203,6 +284,8 @@ def convert(task, options: Options) -> Conversion:
     OutputError
         The output cannot be written.
     """
+    if task.subject is not None:
+        return _preprocess_subject(task, options)
     label_path = task.pair("label")
     if options.labels is not None and label_path is None and options.labels_required:
         root = options.labels_root or "the image's folder"
@@ -297,19 +380,42 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
         details["label"] = {"path": str(label_path), "values_before": _label_values(label)}
 
     if not label_map:  # a label map keeps its own dtype (its values are finite, checked)
-        # float32 working copy, C-ordered per channel; the input array is dropped
-        bad = iops.count_nonfinite(arr)
-        if bad and options.nan == "error":
-            raise InputError(image_path, f"{bad} voxels are NaN or infinite (nan: error); "
-                                         f"set nan: zero to replace them by 0, or nan: keep")
-        arr = _as_float32(arr)
-        if bad and options.nan == "zero":
-            for c in range(arr.shape[0]):
-                iops.replace_nonfinite(arr[c], 0.0)
-        details["nan"]["voxels"] = bad
+        arr, details["nan"]["voxels"] = _finite_float32(image_path, arr, options.nan)
+    arr = _run_steps(image_path, output_path, options, Arrays(arr, affine, label), details, image.header,
+                     label_map)
+    return Conversion(
+        outputs=tuple(details.pop("outputs")),
+        input_shape=in_shape,
+        input_dtype=in_dtype.name,
+        output_shape=tuple(int(s) for s in arr.shape),
+        output_dtype=arr.dtype.name,
+        zooms=tuple(float(z) for z in zooms),
+        axcodes=in_axcodes,
+        details=details,
+    )
 
-    arrays = Arrays(arr, affine, label)
-    del arr, label  # the record alone holds them: an input is freed once a step has replaced it
+
+def _finite_float32(where: str, arr: np.ndarray, nan: str) -> tuple[np.ndarray, int]:
+    """A float32 working copy of ``(C, X, Y, Z)`` voxels (C-ordered per channel) under the NaN policy,
+    and the count of non-finite voxels found."""
+    bad = iops.count_nonfinite(arr)
+    if bad and nan == "error":
+        raise InputError(where, f"{bad} voxels are NaN or infinite (nan: error); "
+                                f"set nan: zero to replace them by 0, or nan: keep")
+    arr = _as_float32(arr)
+    if bad and nan == "zero":
+        for c in range(arr.shape[0]):
+            iops.replace_nonfinite(arr[c], 0.0)
+    return arr, bad
+
+
+def _run_steps(where: str, output_path: str, options: Options, arrays: Arrays, details: dict, header,
+               label_map: bool = False, channels: tuple[str, ...] | None = None) -> np.ndarray:
+    """Run the steps on ``arrays``, lay out and write the result; returns the array written.
+
+    Fills ``details`` with ``applied``, ``after``, the label values after the
+    steps, and ``outputs`` (the files written, for the caller to take out).
+    """
     for i, entry in enumerate(options.steps):
         step, p = entry.step, entry.options
         if label_map:
@@ -322,9 +428,9 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
         except NiconvError as exc:
             if exc.where:
                 raise
-            raise type(exc)(image_path, f"steps[{i}].{step.name}: {exc.message}") from None
+            raise type(exc)(where, f"steps[{i}].{step.name}: {exc.message}") from None
         except ValueError as exc:
-            raise InputError(image_path, f"steps[{i}].{step.name}: {exc}") from None
+            raise InputError(where, f"steps[{i}].{step.name}: {exc}") from None
         details["applied"].append({"step": i, "name": step.name, **info})
     arr, affine, label = arrays.data, arrays.affine, arrays.label
     del arrays
@@ -340,18 +446,132 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
     details["after"] = after
     if label is not None:
         details["label"]["values_after"] = _label_values(label)
+    details["outputs"] = _write(output_path, options, arr, affine, label, header, "label" if label_map else None,
+                                channels)
+    return arr
 
-    outputs = _write(output_path, options, arr, affine, label, image, "label" if label_map else None)
+
+# ---------------------------------------------------------------- subjects
+
+
+def _preprocess_subject(task, options: Options) -> Conversion:
+    """One subject (``task.subject``): its channels stacked on the C axis in order, and its label map.
+
+    Every channel and the label map must lie on the first channel's voxel grid
+    (same shape, voxel positions within ``tolerance``): otherwise the task
+    fails naming both files and the difference, or with ``align: resample``
+    the file is resampled onto that grid (cubic spline; nearest neighbour for
+    the label map) before the steps, recorded in ``details["align"]``.
+    """
+    subject = task.subject
+    names = tuple(name for name, _, _ in subject.channels)
+    where = subject.files[0] if subject.files else task.input_path
+    if subject.missing:
+        found = ", ".join(f"{n} ({p})" for n, p, _ in subject.channels if p) or "none"
+        raise InputError(where, f"subject {subject.name!r}: channel {_names(subject.missing)} not found "
+                                f"(expected {', '.join(names)}; found {found})")
+    if subject.label is None and options.labels is not None and options.labels_required:
+        raise InputError(where, f"subject {subject.name!r}: label map {options.labels!r} not found "
+                                f"(set labels_required: false to convert subjects without one)")
+    tolerance = options.tolerance or Tolerance()
+    align = options.align or "check"
+    details: dict = {"subject": subject.name, "channels": list(names), "files": {}, "steps": steps_as_dicts(options),
+                     "layout": options.layout, "nan": {"policy": options.nan, "voxels": 0}, "applied": [],
+                     "align": {"mode": align, "tolerance": tolerance.model_dump(), "resampled": []}}
+    shared: dict = {}  # an msd 4D image holds every channel: read once
+    ref = arr = None
+    dtypes = []
+    for c, (name, path, index) in enumerate(subject.channels):
+        vol = shared.get(path) or read_volume(path)
+        if index is not None:
+            shared[path] = vol
+        data = _channel(path, name, vol.data, index)
+        _check_image_dtype(path, data)
+        dtypes.append(data.dtype)
+        details["files"][name] = path if index is None else f"{path} [volume {index}]"
+        chan, bad = _finite_float32(path, data[None], options.nan)
+        details["nan"]["voxels"] += bad
+        if ref is None:  # the grid every other file must lie on; its header for NIfTI outputs
+            ref = (name, path, data.shape, vol.affine, vol.image.header, tuple(vol.zooms[:3]), vol.axcodes)
+            arr = np.empty((len(names),) + data.shape, dtype=np.float32)
+            arr[0] = chan[0]
+        elif _on_grid(ref, name, path, data.shape, vol.affine, tolerance, align, details):
+            arr[c] = chan[0]
+        else:
+            rs.resample_onto(chan[0], vol.affine, ref[2], ref[3], order=3, output=arr[c])
+        del chan, data, vol
+    shared.clear()
+    label = None
+    if subject.label is not None:
+        lab = read_volume(subject.label)
+        label = _label_array(subject.label, lab.data)
+        details["files"][subject.label_name] = subject.label
+        if not _on_grid(ref, subject.label_name, subject.label, label.shape[1:], lab.affine, tolerance, align,
+                        details):
+            label = rs.resample_onto(label[0], lab.affine, ref[2], ref[3], order=0)[None]
+        details["label"] = {"path": subject.label, "channel": subject.label_name,
+                            "values_before": _label_values(label)}
+        del lab
+    details["before"] = _geometry(arr, ref[3])
+    details["before"]["dtype"] = np.result_type(*dtypes).name
+    out = _run_steps(where, task.output_path, options, Arrays(arr, ref[3], label), details, ref[4],
+                     channels=names)
     return Conversion(
-        outputs=tuple(outputs),
-        input_shape=in_shape,
-        input_dtype=in_dtype.name,
-        output_shape=tuple(int(s) for s in arr.shape),
-        output_dtype=arr.dtype.name,
-        zooms=tuple(float(z) for z in zooms),
-        axcodes=in_axcodes,
+        outputs=tuple(details.pop("outputs")),
+        input_shape=tuple(int(s) for s in ref[2]) + (len(names),),
+        input_dtype=details["before"]["dtype"],
+        output_shape=tuple(int(s) for s in out.shape),
+        output_dtype=out.dtype.name,
+        zooms=tuple(float(z) for z in ref[5]),
+        axcodes=ref[6],
         details=details,
     )
+
+
+def _names(names) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _channel(path: str, name: str, data: np.ndarray, index: int | None) -> np.ndarray:
+    """One channel's ``(X, Y, Z)`` voxels: the whole file, or volume ``index`` of a 4D one."""
+    if index is not None:
+        if data.ndim != 4:
+            raise InputError(path, f"channel {name!r} is volume {index} of a 4D image, but the image has shape "
+                                   f"{fmt_shape(data.shape)}")
+        if index >= data.shape[3]:
+            raise InputError(path, f"channel {name!r} (volume {index}) not found: the image holds "
+                                   f"{data.shape[3]} volume(s)")
+        return data[..., index]
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"channel {name!r}: shape {fmt_shape(data.shape)}; a channel is one volume "
+                               f"(X, Y, Z)")
+    return data
+
+
+def _on_grid(ref, name: str, path: str, shape, affine, tolerance: Tolerance, align: str, details: dict) -> bool:
+    """True if the file lies on the reference channel's grid; False if ``align: resample`` is to move it.
+
+    Raises
+    ------
+    InputError
+        Off the grid under ``align: check``, naming both files and the difference.
+    """
+    ref_name, ref_path, ref_shape, ref_affine = ref[:4]
+    if tuple(shape) != tuple(ref_shape):
+        diff = f"shape {fmt_shape(shape)} against {fmt_shape(ref_shape)}"
+    else:
+        mm, degrees = rs.grid_difference(ref_shape, ref_affine, shape, affine)
+        if mm <= tolerance.mm and degrees <= tolerance.degrees:
+            return True
+        diff = (f"voxel positions differ by up to {mm:.4g} mm (tolerance {tolerance.mm:g} mm) and voxel axes by "
+                f"up to {degrees:.4g} degrees (tolerance {tolerance.degrees:g})")
+    if align != "resample":
+        raise InputError(path, f"{name!r} is not on the voxel grid of {ref_name!r} ({ref_path}): {diff}; set "
+                               f"align: resample to resample it onto that grid, or widen convert.tolerance")
+    details["align"]["resampled"].append({"channel": name, "path": path, "difference": diff})
+    return False
 
 
 def _check_image_dtype(path: str, data: np.ndarray) -> None:
@@ -436,7 +656,8 @@ def _geometry(arr: np.ndarray, affine: np.ndarray) -> dict:
 # ---------------------------------------------------------------- writing
 
 
-def _write(output_path: str, options: Options, arr, affine, label, image, intent: str | None = None) -> list[str]:
+def _write(output_path: str, options: Options, arr, affine, label, header, intent: str | None = None,
+           channels: tuple[str, ...] | None = None) -> list[str]:
     spacing = np.asarray(spacing_of(affine), dtype=np.float64)
     affine = np.asarray(affine, dtype=np.float64)
     outputs = [str(output_path)]
@@ -444,6 +665,8 @@ def _write(output_path: str, options: Options, arr, affine, label, image, intent
         arrays = {"data": arr, "affine": affine, "spacing": spacing}
         if label is not None:
             arrays["label"] = label
+        if channels is not None:  # a subject's: the names of the C axis
+            arrays["channels"] = np.array(channels, dtype=str)
         with atomic_output(output_path) as tmp:
             write_npz(tmp, arrays, compressed=options.compressed)
         return outputs
@@ -460,10 +683,10 @@ def _write(output_path: str, options: Options, arr, affine, label, image, intent
     xyzc = arr if options.layout == "channels_last" else np.moveaxis(arr, 0, -1)
     if xyzc.shape[-1] == 1:
         xyzc = xyzc[..., 0]
-    _write_nifti(output_path, xyzc, affine, image, intent=intent)
+    _write_nifti(output_path, xyzc, affine, header, intent=intent)
     if label is not None:
         lab = label[0] if options.layout == "channels_first" else label[..., 0]
-        _write_nifti(label_path, lab, affine, image, intent="label")
+        _write_nifti(label_path, lab, affine, header, intent="label")
         outputs.append(label_path)
     return outputs
 
@@ -476,11 +699,10 @@ def _label_output(output_path: str) -> str:
     return p + "_label"
 
 
-def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, source, intent: str | None) -> None:
+def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, src, intent: str | None) -> None:
     img = nib.Nifti1Image(data, affine, dtype=data.dtype)
     hdr = img.header
     codes = (1, 1)
-    src = getattr(source, "header", None)
     if isinstance(src, nib.Nifti1Header):  # keep the source's meaning of world space (scanner, aligned, MNI...)
         codes = (max(int(src["sform_code"]), 1), max(int(src["qform_code"]), 1))
     img.set_sform(affine, code=codes[0])

@@ -282,3 +282,93 @@ def check_same_grid(image_shape, image_affine, label_shape, label_affine, where:
     if diff > atol:
         raise InputError(where, f"label map affine differs from the image's by up to {diff:.4g} mm "
                                 f"(tolerance {atol} mm); a label map must share its image's voxel grid")
+
+
+def grid_difference(shape_a, affine_a, shape_b, affine_b) -> tuple[float, float]:
+    """How far apart two voxel grids of the same shape are: in mm and in degrees.
+
+    Parameters
+    ----------
+    shape_a, shape_b : sequence of int
+        Spatial shapes ``(X, Y, Z)``; must be equal.
+    affine_a, affine_b : numpy.ndarray
+        Voxel-to-world affines, shape ``(4, 4)``.
+
+    Returns
+    -------
+    mm : float
+        The largest distance between the world positions the two affines give
+        the same voxel, over the corners of the grid (the distance is linear in
+        the voxel index, so the corners bound every voxel).
+    degrees : float
+        The largest angle between the same voxel axis in the two affines.
+    """
+    n = np.asarray(shape_a[:3], dtype=np.float64) - 1.0
+    corners = np.array([[i, j, k, 1.0] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])])
+    a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
+    mm = float(np.max(np.linalg.norm((corners @ (a - b).T)[:, :3], axis=1)))
+    ua = a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)
+    ub = b[:3, :3] / np.linalg.norm(b[:3, :3], axis=0)
+    cos = np.clip(np.sum(ua * ub, axis=0), -1.0, 1.0)
+    return mm, float(np.degrees(np.max(np.arccos(cos))))
+
+
+def resample_onto(data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray, *, order: int = 3,
+                  output: np.ndarray | None = None) -> np.ndarray:
+    """Resample a 3D array onto another voxel grid (any shape, position and rotation).
+
+    Each output voxel ``j`` takes the value of ``data`` at the world position
+    ``target_affine @ j``; positions outside ``data``'s grid get 0. For
+    ``order >= 2`` the result is clipped to the input's finite value range
+    (and 0). No anti-aliasing: this aligns grids of similar voxel size.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Shape ``(X, Y, Z)``, any real dtype.
+    affine : numpy.ndarray
+        ``data``'s voxel-to-world affine, shape ``(4, 4)``.
+    shape : sequence of 3 int
+        The target grid's spatial shape.
+    target_affine : numpy.ndarray
+        The target grid's affine, shape ``(4, 4)``.
+    order : int
+        Spline order, 0 (nearest neighbour: label maps keep their values and
+        dtype) to 5; the result is float32 for ``order >= 1``.
+    output : numpy.ndarray, optional
+        Array of the target shape to write into.
+
+    Returns
+    -------
+    numpy.ndarray
+        The resampled array, shape ``shape``.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not 3D or ``order`` is not 0..5.
+    """
+    from scipy import ndimage as ndi
+
+    if data.ndim != 3:
+        raise ValueError(f"resample expects a 3D array (X, Y, Z), found shape {data.shape}")
+    if not 0 <= int(order) <= 5:
+        raise ValueError(f"order: expected 0..5, found {order}")
+    order = int(order)
+    shape = tuple(int(s) for s in shape)
+    # target voxel -> world -> source voxel
+    m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(target_affine, dtype=np.float64)
+    if output is None:
+        output = np.empty(shape, dtype=data.dtype if order == 0 else np.float32)
+    if order == 0:
+        ndi.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape, output=output, order=0,
+                             mode="constant", cval=0)
+        return output
+    lo, hi = _finite_range(data) if order >= 2 else (None, None)
+    # scipy's own prefilter: with zeros outside the grid it pads before filtering (a float64
+    # copy of one channel), which a float32 spline_filter in place cannot do
+    ndi.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape, output=output, order=order,
+                         mode="grid-constant", cval=0.0)
+    if lo is not None:
+        np.clip(output, min(lo, 0.0), max(hi, 0.0), out=output)
+    return output
