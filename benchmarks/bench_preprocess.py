@@ -14,6 +14,18 @@ and reports
 Usage::
 
     python benchmarks/bench_preprocess.py [--shape 512 512 300] [--keep DIR]
+
+``--peers`` instead times niconv against MONAI, TorchIO and an nnU-Net-style
+path (SimpleITK read, scikit-image cubic resize) on one pipeline (RAS, 1 mm
+cubic, z-score on non-zero voxels, centre crop/pad to 192x224x192, float32
+``.npy``), on generated head-like volumes and on the cohort's 3-D NIfTI images;
+see :mod:`peers` beside this file and ``benchmarks/README.md`` for the figures.
+The peers need PyTorch, so they live in their own environment::
+
+    python -m venv /tmp/peers
+    /tmp/peers/bin/pip install torch==2.13.0 monai==1.6.1 torchio==1.2.1 simpleitk==2.5.7 \
+        scikit-image nibabel
+    python benchmarks/bench_preprocess.py --peers --peer-python /tmp/peers/bin/python
 """
 from __future__ import annotations
 
@@ -82,10 +94,18 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--keep", help="folder for the inputs/outputs (default: a temporary folder)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--peers", action="store_true", help="time niconv against MONAI, TorchIO, nnU-Net style")
+    args, rest = parser.parse_known_args(argv)
     if args.child:
         child(*args.child)
         return 0
+    if args.peers:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import peers
+
+        return peers.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     import numpy as np
 
