@@ -263,6 +263,44 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
 
 def _preprocess(image_path: str, output_path: str, options: Options, label_path: str | None,
                 label_map: bool = False) -> Conversion:
+    read, arrays, details = _read(image_path, options, label_path, label_map)
+    arrays = _run_steps(image_path, options.steps, arrays, details, label_map)
+    image, in_shape, in_dtype, zooms, in_axcodes = read
+    arr, affine, label = arrays.data, arrays.affine, arrays.label
+    del arrays
+
+    after = _geometry(arr, affine)
+    if options.layout == "channels_last":
+        arr = np.moveaxis(arr, 0, -1)
+        label = None if label is None else np.moveaxis(label, 0, -1)
+    arr = np.ascontiguousarray(arr)
+    label = None if label is None else np.ascontiguousarray(label)
+    after["shape"] = list(arr.shape)
+    after["dtype"] = arr.dtype.name
+    details["after"] = after
+    if label is not None:  # recorded here, so the dataset index needs no second read
+        details["label"].update(values_after=_label_values(label), shape=list(label.shape), dtype=label.dtype.name)
+
+    outputs = _write(output_path, options, arr, affine, label, image, "label" if label_map else None)
+    return Conversion(
+        outputs=tuple(outputs),
+        input_shape=in_shape,
+        input_dtype=in_dtype.name,
+        output_shape=tuple(int(s) for s in arr.shape),
+        output_dtype=arr.dtype.name,
+        zooms=tuple(float(z) for z in zooms),
+        axcodes=in_axcodes,
+        details=details,
+    )
+
+
+def _read(image_path: str, options: Options, label_path: str | None, label_map: bool = False):
+    """The input as the first step gets it: ``(facts about the input, Arrays, details so far)``.
+
+    Reads the image (and label map), checks it, makes the float32 working copy
+    and applies the NaN policy; ``facts`` holds the source image, input shape,
+    dtype, zooms and axis codes for the log row.
+    """
     vol = read_volume(image_path)
     image, raw = vol.image, vol.data
     affine = vol.affine
@@ -310,7 +348,12 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
 
     arrays = Arrays(arr, affine, label)
     del arr, label  # the record alone holds them: an input is freed once a step has replaced it
-    for i, entry in enumerate(options.steps):
+    return (image, in_shape, in_dtype, zooms, in_axcodes), arrays, details
+
+
+def _run_steps(image_path: str, steps, arrays: Arrays, details: dict, label_map: bool = False) -> Arrays:
+    """Run ``steps`` in order on ``arrays``, recording each in ``details["applied"]``."""
+    for i, entry in enumerate(steps):
         step, p = entry.step, entry.options
         if label_map:
             if not step.spatial:
@@ -326,32 +369,20 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
         except ValueError as exc:
             raise InputError(image_path, f"steps[{i}].{step.name}: {exc}") from None
         details["applied"].append({"step": i, "name": step.name, **info})
-    arr, affine, label = arrays.data, arrays.affine, arrays.label
-    del arrays
+    return arrays
 
-    after = _geometry(arr, affine)
-    if options.layout == "channels_last":
-        arr = np.moveaxis(arr, 0, -1)
-        label = None if label is None else np.moveaxis(label, 0, -1)
-    arr = np.ascontiguousarray(arr)
-    label = None if label is None else np.ascontiguousarray(label)
-    after["shape"] = list(arr.shape)
-    after["dtype"] = arr.dtype.name
-    details["after"] = after
-    if label is not None:
-        details["label"]["values_after"] = _label_values(label)
 
-    outputs = _write(output_path, options, arr, affine, label, image, "label" if label_map else None)
-    return Conversion(
-        outputs=tuple(outputs),
-        input_shape=in_shape,
-        input_dtype=in_dtype.name,
-        output_shape=tuple(int(s) for s in arr.shape),
-        output_dtype=arr.dtype.name,
-        zooms=tuple(float(z) for z in zooms),
-        axcodes=in_axcodes,
-        details=details,
-    )
+def arrays_before(task, options: Options, index: int) -> Arrays:
+    """The task's image as it reaches ``options.steps[index]``: read, NaN policy applied, and
+    the steps before it run, exactly as the conversion does (without the label map).
+
+    Raises
+    ------
+    InputError, SkippedInput
+        As :func:`convert`.
+    """
+    _, arrays, details = _read(task.input_path, options, None, task.label_map)
+    return _run_steps(task.input_path, options.steps[:index], arrays, details, task.label_map)
 
 
 def _check_image_dtype(path: str, data: np.ndarray) -> None:
