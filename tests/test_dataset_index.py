@@ -258,3 +258,43 @@ def test_stratification_reads_the_csv_and_names_missing_subjects(tmp_path, cohor
     bad = _config(tmp_path, split="{val: 0.5, stratify: {csv: sites.csv, column: sit}}", name="bad.yaml")
     r = niconv("run", bad)
     assert r.returncode == 2 and "expected a column 'sit'" in r.stderr and "did you mean 'site'" in r.stderr
+
+
+def test_cohort_minmax_takes_the_training_split_s_lowest_and_highest_voxel(tmp_path, cohort):
+    _cohort_copy(cohort, tmp_path / "in", IMAGES[:3])
+    steps = BEFORE + "    - normalize: {method: minmax, scope: cohort, range: [-1, 1]}\n"
+    _run(_config(tmp_path, split="", steps=steps))
+    out = tmp_path / "out"
+    stats = json.loads((out / "dataset.json").read_text())["statistics"]
+    xs = [_before_normalize(tmp_path / "in" / n, tmp_path) for n in IMAGES[:3]]
+    assert stats["method"] == "minmax" and stats["channels"]["image"] == {
+        "low": float(min(x.min() for x in xs)), "high": float(max(x.max() for x in xs)),
+        "voxels": sum(x.size for x in xs)}
+    ys = [np.load(out / (Path(n).name.split(".")[0] + ".npy")) for n in IMAGES[:3]]
+    assert min(y.min() for y in ys) == pytest.approx(-1.0, abs=1e-6)
+    assert max(y.max() for y in ys) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_statistics_given_in_the_config_skip_the_first_pass(tmp_path, cohort):
+    _cohort_copy(cohort, tmp_path / "in", IMAGES[:2])
+    steps = BEFORE + "    - normalize: {method: zscore, scope: cohort, statistics: [{mean: 100.0, std: 50.0}]}\n"
+    _run(_config(tmp_path, split="", steps=steps))
+    out = tmp_path / "out"
+    assert not (out / "niconv_log.stats.csv").exists()
+    stats = json.loads((out / "dataset.json").read_text())["statistics"]
+    assert stats == {"scope": "cohort", "method": "zscore", "split": None,
+                     "channels": {"image": {"mean": 100.0, "std": 50.0}}}
+    x = _before_normalize(tmp_path / "in" / IMAGES[0], tmp_path)
+    np.testing.assert_allclose(np.load(out / "nib_anatomical.npy"), (x - 100.0) / 50.0, rtol=1e-5, atol=1e-5)
+
+
+def test_no_readable_training_sample_ends_the_run_with_a_summary(tmp_path, cohort):
+    # an RGB image is skipped by preprocess: nothing to measure, nothing converted, a clear message
+    _cohort_copy(cohort, tmp_path / "in", ("ct_perfusion_rgb24.nii.gz",))
+    r = niconv("run", _config(tmp_path, split=""))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "computing the cohort statistics" in r.stderr and "no training sample could be read" in r.stderr
+    assert "Traceback" not in r.stderr
+    record = json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())
+    assert "no training sample could be read" in record["error"] and record["statistics"] is None
+    assert rows_of(tmp_path / "out" / "niconv_log.stats.csv")[0]["status"] == "skipped"

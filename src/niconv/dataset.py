@@ -44,7 +44,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
@@ -66,6 +66,8 @@ INDEX_FILE = "dataset.json"
 SPLITS_FILE = "splits.json"
 INDEX_FORMAT = "niconv-dataset"
 INDEX_VERSION = 1
+#: Largest dataset.json or splits.json read back to tell whether it is niconv's.
+INDEX_MAX_BYTES = 1 << 30
 #: A standard deviation below this divides by 1 instead (as the per-image zscore does).
 STD_EPS = 1e-8
 
@@ -155,7 +157,7 @@ def _split_key(source, by: str, root: str) -> str:
     """What is split: the subject, or (``by: sample``) the output's path in the output root."""
     if by == "sample":
         out = source["output_path"] if isinstance(source, dict) else source.output_path
-        return PurePosixPath(Path(os.path.relpath(out, root)).as_posix()).as_posix()
+        return Path(os.path.relpath(out, root)).as_posix()
     return sample_names(source)[0]
 
 
@@ -336,12 +338,15 @@ class CohortStatistics:
     channels : dict
         Channel name -> ``{"mean", "std", "voxels"}`` (zscore) or ``{"low", "high", "voxels"}`` (minmax).
     samples : int
-        Training samples measured.
+        Training samples measured (0 for statistics given in the config).
+    split : str or None
+        ``"train"``; None for statistics given in the config.
     """
 
     method: str
     channels: dict
     samples: int
+    split: Optional[str] = "train"
 
     @property
     def values(self) -> tuple[dict, ...]:
@@ -350,7 +355,7 @@ class CohortStatistics:
 
     def as_json(self) -> dict:
         """The ``statistics`` entry of ``dataset.json`` and of the run record."""
-        return {"scope": "cohort", "method": self.method, "split": "train", "channels": self.channels}
+        return {"scope": "cohort", "method": self.method, "split": self.split, "channels": self.channels}
 
 
 def training_tasks(tasks: tuple[Task, ...], splits: Splits) -> list[Task]:
@@ -394,11 +399,10 @@ def first_pass(config, tasks: tuple[Task, ...], splits: Splits, run_tasks: Calla
 def recorded_statistics(config, tasks: tuple[Task, ...]) -> CohortStatistics | None:
     """The statistics the first pass recorded for this manifest, if every training task was measured."""
     train = training_tasks(tasks, make_splits(config, tasks))
-    done = _measured(config, train)
-    failed = _latest_measures(config, train)
-    if any(t.task_id not in done and t.task_id not in failed for t in train) or not done:
+    latest = _latest_measures(config, train)
+    if not latest or any(t.task_id not in latest for t in train):
         return None
-    return combine(config, done.values())
+    return combine(config, [r for r in latest.values() if r["status"] == "ok"])
 
 
 def _latest_measures(config, train: list[Task]) -> dict[str, dict]:
@@ -515,11 +519,22 @@ def with_statistics(config, tasks: tuple[Task, ...], statistics: CohortStatistic
                  for t in tasks)
 
 
+def given_statistics(config, tasks: tuple[Task, ...]) -> CohortStatistics | None:
+    """The cohort statistics the config gives (``normalize: {scope: cohort, statistics: [...]}``), by channel
+    name (:func:`sample_names` of the first task); None when it gives none."""
+    found = cohort_step(config.convert)
+    if found is None or found[1].statistics is None:
+        return None
+    values = found[1].statistics
+    names = (sample_names(tasks[0], len(values))[1] if tasks else None) or [f"channel{i}" for i in range(len(values))]
+    return CohortStatistics(found[1].method, {n: dict(v) for n, v in zip(names, values)}, 0, split=None)
+
+
 def conversion_tasks(config, tasks: tuple[Task, ...]) -> tuple[tuple[Task, ...], CohortStatistics | None]:
     """The manifest as the conversion pass runs it: with the recorded cohort statistics applied
     (unchanged when the run has none to compute); ``None`` statistics when not all are measured yet."""
     if not needs_first_pass(config):
-        return tasks, None
+        return tasks, given_statistics(config, tasks)
     statistics = recorded_statistics(config, tasks)
     return (tasks, None) if statistics is None else (with_statistics(config, tasks, statistics), statistics)
 
@@ -545,8 +560,8 @@ def _json_problem(path: Path, ours: Callable[[dict], bool], what: str) -> str | 
     found = own_file_problem(path)
     if found:
         return f"is {found}"
-    try:
-        data = json.loads(Path(path).read_bytes()[: 1 << 30]) if os.path.getsize(path) < 1 << 30 else None
+    try:  # an index of a hundred thousand samples is a few hundred MB; a larger file is not one
+        data = json.loads(Path(path).read_bytes()) if os.path.getsize(path) <= INDEX_MAX_BYTES else None
     except (OSError, ValueError):
         data = None
     return None if isinstance(data, dict) and ours(data) else f"is not {what}"

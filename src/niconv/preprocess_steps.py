@@ -491,7 +491,7 @@ class Resample(Step):
 class Normalize(Step):
     """Per channel: ``zscore``, ``minmax`` or ``percentile`` (to ``range``, default [0, 1]),
     or a CT ``window`` (``preset``, or ``level`` and ``width`` in HU); ``mask: nonzero``
-    keeps the background 0."""
+    keeps the background 0; ``scope: cohort`` (zscore, minmax) uses the training split's statistics."""
 
     name = "normalize"
     options = NormalizeOptions

@@ -308,6 +308,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             # the conversion tasks carry the statistics, so their ids change with them
             runnable, statistics = _first_pass(config, tasks, splits, jobs, backend, scheduler, scope,
                                                remove_temps, shard, state)
+        else:
+            statistics = dataset.given_statistics(config, tasks)
         logged = read_log(log_path)
         todo = plan(runnable, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
