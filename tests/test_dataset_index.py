@@ -298,3 +298,36 @@ def test_no_readable_training_sample_ends_the_run_with_a_summary(tmp_path, cohor
     record = json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())
     assert "no training sample could be read" in record["error"] and record["statistics"] is None
     assert rows_of(tmp_path / "out" / "niconv_log.stats.csv")[0]["status"] == "skipped"
+
+
+def test_merge_of_shard_runs_writes_the_same_index_as_one_run(tmp_path, cohort):
+    _cohort_copy(cohort, tmp_path / "in", IMAGES[:4])
+    sharded = _config(tmp_path, out="sharded", name="sharded.yaml")
+    whole = _config(tmp_path, out="whole", name="whole.yaml")
+    for i in (0, 1):
+        r = niconv("run", sharded, "--shard", f"{i}/2")
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "sharded" / "dataset.json").exists()  # a shard leaves the index to merge
+    # each shard measured the whole training split, in its own statistics log
+    assert (tmp_path / "sharded" / "niconv_log.stats.shard-0-of-2.csv").exists()
+    st = niconv("status", sharded)
+    assert st.returncode == 0 and "4 tasks: 4 done, 0 failed, 0 pending" in st.stdout, st.stdout
+    m = niconv("merge", sharded)
+    assert m.returncode == 0 and "dataset index" in m.stdout, m.stdout + m.stderr
+    _run(whole)
+    for name in ("dataset.json", "splits.json"):
+        assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_subject_and_channels_are_read_from_the_row_when_recorded():
+    from niconv.dataset import sample_names
+
+    row = {"input_path": "/data/in/sub-01_T1w.nii.gz", "details": "{}"}
+    assert sample_names(row) == ("sub-01_T1w", None)
+    assert sample_names(row, 1) == ("sub-01_T1w", ["image"])
+    assert sample_names(row, 2) == ("sub-01_T1w", ["channel0", "channel1"])
+    # a multi-channel subject's row: the subject column (or details) and the channel names in details
+    subject_row = {"input_path": "/data/BraTS/B-001", "subject": "B-001",
+                   "details": json.dumps({"channels": ["t1", "t1ce", "t2", "flair"]})}
+    assert sample_names(subject_row, 4) == ("B-001", ["t1", "t1ce", "t2", "flair"])
+    assert sample_names({"input_path": "/x/y.nii", "details": json.dumps({"subject": "S7"})}) == ("S7", None)
