@@ -331,3 +331,14 @@ def test_subject_and_channels_are_read_from_the_row_when_recorded():
                    "details": json.dumps({"channels": ["t1", "t1ce", "t2", "flair"]})}
     assert sample_names(subject_row, 4) == ("B-001", ["t1", "t1ce", "t2", "flair"])
     assert sample_names({"input_path": "/x/y.nii", "details": json.dumps({"subject": "S7"})}) == ("S7", None)
+
+
+def test_a_statistics_log_niconv_did_not_write_is_refused(tmp_path, cohort):
+    _cohort_copy(cohort, tmp_path / "in", IMAGES[:2])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "niconv_log.stats.csv").write_text("subject,site\nsub-01,A\n")
+    r = niconv("plan", _config(tmp_path, split=""))
+    assert r.returncode == 2
+    assert "niconv_log.stats.csv" in r.stderr and "the cohort statistics log" in r.stderr
+    assert "is not a niconv log" in r.stderr
+    assert (tmp_path / "out" / "niconv_log.stats.csv").read_text() == "subject,site\nsub-01,A\n"

@@ -568,29 +568,14 @@ def _json_problem(path: Path, ours: Callable[[dict], bool], what: str) -> str | 
 
 
 def own_files(config) -> dict[Path, tuple[str, Callable[[Path], str | None]]]:
-    """The dataset files a ``to: preprocess`` run writes: path -> (what it is, its problem check)."""
+    """The dataset files a ``to: preprocess`` run writes in its output root: path -> (what it is, its
+    problem check). The cohort statistics' logs (:func:`statistics_log_path`) are CSV logs, checked as logs."""
     if config.convert.to != "preprocess":
         return {}
     root = Path(config.output.root)
     files = {root / INDEX_FILE: ("the dataset index", index_problem)}
     if config.dataset.split is not None:
         files[root / SPLITS_FILE] = ("the splits file", splits_problem)
-    if needs_first_pass(config):
-        from .log import is_log  # the first pass's log is a CSV log like the run's
-
-        def log_problem(path: Path) -> str | None:
-            found = own_file_problem(path)
-            if found:
-                return f"is {found}"
-            try:
-                with open(path, "rb") as f:
-                    return None if is_log(f.read(1 << 20)) else "is not a niconv log"
-            except OSError as exc:
-                return f"cannot be read ({exc.strerror})"
-
-        stats = statistics_log_path(config.log_path)
-        for p in [stats, *log_files(stats)]:
-            files[p] = ("the cohort statistics log", log_problem)
     return files
 
 

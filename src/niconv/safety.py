@@ -149,15 +149,18 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
         files.setdefault(shard_log, ("a shard's log", _log_problem))
     for path in list(files):
         files[run_record_path(path)] = ("the run record" if path == log else "a shard's run record", _record_problem)
+    if dataset.needs_first_pass(config):
+        stats = dataset.statistics_log_path(log)
+        for path in [stats, *log_files(stats)]:
+            files.setdefault(path, ("the cohort statistics log", _log_problem))
     root = Path(config.output.root)
     files[root / LOCK_FILE] = ("the output tree's lock file", _lock_problem)
     for lock in sorted(root.glob(".niconv.shard-*-of-*.lock")) + [root / FULL_RUN_FILE]:
         files[lock] = ("a run's lock file", _lock_problem)
     in_root = {p for p in files if p.name.endswith(".lock")}
-    for path, (what, problem) in dataset.own_files(config).items():
+    for path, (what, problem) in dataset.own_files(config).items():  # dataset.json, splits.json
         files.setdefault(path, (what, problem))
-        if path.parent == root and path.name in (dataset.INDEX_FILE, dataset.SPLITS_FILE):
-            in_root.add(path)
+        in_root.add(path)
     found = {}
     for path, (what, problem) in files.items():
         key = "output.root" if path in in_root else "log"
