@@ -342,3 +342,20 @@ def test_a_statistics_log_niconv_did_not_write_is_refused(tmp_path, cohort):
     assert "niconv_log.stats.csv" in r.stderr and "the cohort statistics log" in r.stderr
     assert "is not a niconv log" in r.stderr
     assert (tmp_path / "out" / "niconv_log.stats.csv").read_text() == "subject,site\nsub-01,A\n"
+
+
+def test_cohort_percentiles_are_within_a_tenth_of_a_percentile_of_numpy_s(tmp_path, cohort):
+    _cohort_copy(cohort, tmp_path / "in", IMAGES[:3])
+    steps = BEFORE + "    - normalize: {method: percentile, scope: cohort, mask: nonzero, percentiles: [2, 98]}\n"
+    _run(_config(tmp_path, split="", steps=steps))
+    stats = json.loads((tmp_path / "out" / "dataset.json").read_text())["statistics"]["channels"]["image"]
+    xs = [_before_normalize(tmp_path / "in" / n, tmp_path) for n in IMAGES[:3]]
+    v = np.concatenate([x[np.isfinite(x) & (x != 0)].astype(np.float64) for x in xs])
+    assert stats["voxels"] == v.size
+    assert np.percentile(v, 1.9) <= stats["low"] <= np.percentile(v, 2.1)
+    assert np.percentile(v, 97.9) <= stats["high"] <= np.percentile(v, 98.1)
+    y = np.load(tmp_path / "out" / "nib_anatomical.npy")
+    m = xs[0] != 0  # beyond the cohort's percentiles, clipped to the range
+    expected = np.clip((xs[0][m] - stats["low"]) / (stats["high"] - stats["low"]), 0.0, 1.0)
+    np.testing.assert_allclose(y[m], expected, rtol=1e-5, atol=1e-5)
+    assert y.max() == 1.0

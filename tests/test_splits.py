@@ -128,5 +128,5 @@ def test_cohort_scope_with_a_method_without_cohort_statistics_is_refused(tmp_pat
     path = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\nconvert:\n  to: preprocess\n  steps:\n"
                                   "    - normalize: {method: window, preset: brain, scope: cohort}\n")
     errors = _problems(path)
-    assert any(key.startswith("convert.steps[0].normalize") and "scope: cohort works with method zscore or minmax"
+    assert any(key.startswith("convert.steps[0].normalize") and "scope: cohort works with method zscore, minmax, percentile"
                in msg and "window" in msg for key, msg in errors), errors

@@ -367,7 +367,7 @@ class NormalizeOptions(ConfigModel):
             raise ValueError(f"{', '.join(extra)} does not apply to method {self.method} "
                              f"(it takes: {', '.join(sorted(allowed))})")
         if self.scope == "cohort" and self.method not in COHORT_METHODS:
-            raise ValueError(f"scope: cohort works with method {' or '.join(COHORT_METHODS)}, found method "
+            raise ValueError(f"scope: cohort works with method {', '.join(COHORT_METHODS)}, found method "
                              f"{self.method} (use scope: image)")
         if self.statistics is not None:
             if self.scope != "cohort":
@@ -398,7 +398,7 @@ class NormalizeOptions(ConfigModel):
 
 
 #: Methods whose statistics can be the cohort's (``scope: cohort``), and the keys of those statistics.
-COHORT_METHODS = {"zscore": ("mean", "std"), "minmax": ("low", "high")}
+COHORT_METHODS = {"zscore": ("mean", "std"), "minmax": ("low", "high"), "percentile": ("low", "high")}
 
 
 class ClipOptions(ConfigModel):
@@ -491,7 +491,7 @@ class Resample(Step):
 class Normalize(Step):
     """Per channel: ``zscore``, ``minmax`` or ``percentile`` (to ``range``, default [0, 1]),
     or a CT ``window`` (``preset``, or ``level`` and ``width`` in HU); ``mask: nonzero``
-    keeps the background 0; ``scope: cohort`` (zscore, minmax) uses the training split's statistics."""
+    keeps the background 0; ``scope: cohort`` (zscore, minmax, percentile) uses the training split's statistics."""
 
     name = "normalize"
     options = NormalizeOptions
@@ -523,7 +523,8 @@ def _normalize_cohort(p: NormalizeOptions, data: np.ndarray) -> list[dict]:
         raise ValueError(f"the image has {data.shape[0]} channel(s), the cohort statistics {len(p.statistics)}")
     if p.method == "zscore":
         return [iops.standardize(x, s["mean"], s["std"], p.mask) for x, s in zip(data, p.statistics)]
-    return [iops.rescale(x, s["low"], s["high"], p.range or (0.0, 1.0), p.mask, clip=False)
+    # percentile: values beyond the cohort's percentiles are clipped, as per image
+    return [iops.rescale(x, s["low"], s["high"], p.range or (0.0, 1.0), p.mask, clip=p.method == "percentile")
             for x, s in zip(data, p.statistics)]
 
 
