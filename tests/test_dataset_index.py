@@ -298,6 +298,9 @@ def test_no_readable_training_sample_ends_the_run_with_a_summary(tmp_path, cohor
     record = json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())
     assert "no training sample could be read" in record["error"] and record["statistics"] is None
     assert rows_of(tmp_path / "out" / "niconv_log.stats.csv")[0]["status"] == "skipped"
+    again = niconv("run", _config(tmp_path, split=""))
+    assert again.returncode == 1 and "no training sample could be read" in again.stderr
+    assert len(rows_of(tmp_path / "out" / "niconv_log.stats.csv")) == 1  # a skipped input is not measured again
 
 
 def test_merge_of_shard_runs_writes_the_same_index_as_one_run(tmp_path, cohort):

@@ -341,7 +341,8 @@ class CohortStatistics:
     ----------
     method : str
     channels : dict
-        Channel name -> ``{"mean", "std", "voxels"}`` (zscore) or ``{"low", "high", "voxels"}`` (minmax).
+        Channel name -> ``{"mean", "std", "voxels"}`` (zscore) or ``{"low", "high", "voxels"}``
+        (minmax, percentile).
     samples : int
         Training samples measured (0 for statistics given in the config).
     split : str or None
@@ -392,7 +393,8 @@ def first_pass(config, tasks: tuple[Task, ...], splits: Splits, run_tasks: Calla
         If the statistics log cannot be written.
     """
     train = training_tasks(tasks, splits)
-    done = _measured(config, train)
+    # measured, or skipped (an input preprocess does not take): not again; a failed one is tried again
+    done = {k for k, r in _latest_measures(config, train).items() if r["status"] != "failed"}
     pending = [t for t in train if t.task_id not in done]
     if pending:
         with CsvLog(statistics_log_path(config.log_path, shard)) as log:
