@@ -362,3 +362,40 @@ def test_cohort_percentiles_are_within_a_tenth_of_a_percentile_of_numpy_s(tmp_pa
     expected = np.clip((xs[0][m] - stats["low"]) / (stats["high"] - stats["low"]), 0.0, 1.0)
     np.testing.assert_allclose(y[m], expected, rtol=1e-5, atol=1e-5)
     assert y.max() == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "nifti"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_index_shapes_are_the_stored_arrays_in_every_format_and_layout(tmp_path, cohort, fmt, layout):
+    inp = _cohort_copy(cohort, tmp_path / "in", ("nib_anatomical.nii", "nib_example4d.nii.gz"))
+    img = nib.load(inp / "nib_anatomical.nii")
+    d = np.asanyarray(img.dataobj)
+    nib.save(nib.Nifti1Image((d > np.percentile(d, 70)).astype(np.uint8), img.affine), inp / "nib_anatomical_seg.nii.gz")
+    path = write_config(tmp_path, f"input: {{root: in}}\noutput: {{root: out}}\njobs: 1\nconvert:\n  to: preprocess\n"
+                                  f"  format: {fmt}\n  layout: {layout}\n  labels: '{{stem}}_seg.nii.gz'\n"
+                                  "  labels_required: false\n  steps:\n    - resample: {spacing: 4, order: 1}\n"
+                                  "    - normalize: {method: zscore}\n")
+    _run(path)
+    out = tmp_path / "out"
+    index = json.loads((out / "dataset.json").read_text())
+    assert index["layout"] == layout and index["channels"] is None and index["label"] == "label"
+    assert index["statistics"] is None and index["splits"] is None
+    samples = {s["subject"]: s for s in index["samples"]}
+    assert samples["nib_example4d"]["channels"] == ["channel0", "channel1"]
+    assert samples["nib_anatomical"]["channels"] == ["image"]
+    for s in samples.values():
+        assert s["format"] == fmt and s["split"] == "train"
+        if fmt == "nifti":
+            image = nib.load(out / s["image"]).shape
+            label = nib.load(out / s["label"]).shape if s["label"] else None
+        elif fmt == "npz":
+            with np.load(out / s["image"]) as z:
+                image, label = z["data"].shape, z["label"].shape if s["label"] else None
+            assert s["label"] in (None, s["image"])
+        else:
+            image = np.load(out / s["image"], mmap_mode="r").shape
+            label = np.load(out / s["label"], mmap_mode="r").shape if s["label"] else None
+        assert s["shape"] == list(image)
+        assert s["label_shape"] == (list(label) if label else None)
+    assert samples["nib_anatomical"]["label_values"] == [0, 1]
+    assert samples["nib_anatomical"]["label_dtype"] == "uint8"
