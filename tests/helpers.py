@@ -71,6 +71,9 @@ def sha256(path: Path) -> str:
 
 
 RUN_FILES = {"niconv_log.csv", "niconv_log.run.json", ".niconv.lock"}
+# what a preprocess run writes in its output root besides the outputs: the index, the splits,
+# the cohort statistics' log
+DATASET_FILES = {"dataset.json", "splits.json", "niconv_log.stats.csv"}
 
 
 def tree_listing(root: Path) -> dict[str, str]:
@@ -85,9 +88,10 @@ def tree_listing(root: Path) -> dict[str, str]:
 
 
 def outputs(root: Path) -> dict[str, str]:
-    """sha256 of every converted file under ``root``, by relative path (log, record and lock left out)."""
+    """sha256 of every converted file under ``root``, by relative path (log, record, lock and dataset
+    files left out)."""
     return {str(p.relative_to(root)): sha256(p) for p in sorted(Path(root).rglob("*"))
-            if p.is_file() and p.name not in RUN_FILES}
+            if p.is_file() and p.name not in RUN_FILES | DATASET_FILES}
 
 
 def dicom_report(path: Path, number: int = 1) -> Path:

@@ -406,7 +406,7 @@ def test_a_task_failing_after_it_wrote_a_file_leaves_no_file(cohort, extra, tmp_
     assert bad["error_message"].startswith(f"{tmp_path / 'out' / 'sct_t2s_label.npy'}: writing failed")
     # the image's array was written first, then removed with the failure
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name not in RUN_FILES) == [
-        "dipy_aniso_vox.npy", "sct_t2s_label.npy"]
+        "dataset.json", "dipy_aniso_vox.npy", "sct_t2s_label.npy"]
     assert list((tmp_path / "out" / "sct_t2s_label.npy").iterdir()) == []
 
 

@@ -169,7 +169,12 @@ def _load(args):
     from .scan import build_manifest
 
     config = load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
-    return config, build_manifest(config)
+    tasks = build_manifest(config)
+    if config.convert.to == "preprocess":
+        from .dataset import make_splits
+
+        make_splits(config, tasks)  # a stratification CSV's problems, before any work
+    return config, tasks
 
 
 def cmd_run(args) -> int:
@@ -390,7 +395,10 @@ def cmd_status(args) -> int:
     from .runfiles import status
     from .slurm import live_shards, submissions
 
+    from .dataset import conversion_tasks
+
     config, tasks = _load(args)
+    tasks = conversion_tasks(config, tasks)[0]  # with cohort statistics: the ids the conversions ran under
     st = status(config, tasks)
     print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending, {st.skipped} skipped "
           f"({len(st.logs)} log file(s) beside {config.log_path})")
@@ -411,6 +419,7 @@ def cmd_status(args) -> int:
 def cmd_merge(args) -> int:
     """``niconv merge CONFIG``: write the merged log; EXIT_OK once every task is done or skipped."""
     from .config import load_config
+    from .dataset import conversion_tasks, write_dataset_files
     from .lock import LOCK_FILE, run_lock
     from .runfiles import merge, status
     from .scan import build_manifest
@@ -419,14 +428,18 @@ def cmd_merge(args) -> int:
     # --output takes the log's place in the plan's checks: never an input, absent, empty or a niconv log
     checked = load_config(args.config, overrides={"log": os.path.abspath(args.output)}) if args.output else config
     tasks = build_manifest(checked)
+    # with cohort statistics: the ids the conversions ran under
+    tasks, statistics = conversion_tasks(config, tasks)
     # the tree's lock: a run still appending rows would lose them under a replaced log
     with run_lock(Path(config.output.root) / LOCK_FILE):
         st = status(config, tasks)
         path = merge(config, tasks, args.output)
+        index = write_dataset_files(config, tasks, statistics=statistics) if config.convert.to == "preprocess" else None
     finished = st.done + st.skipped
     print(f"merged {finished + st.failed} of {st.total} tasks from {len(st.logs)} log file(s) into {path}"
           + (f"; {st.failed} failed, {st.pending} pending" if not st.finished else "")
-          + (f"; {st.damaged_lines} damaged log line(s) left out" if st.damaged_lines else ""))
+          + (f"; {st.damaged_lines} damaged log line(s) left out" if st.damaged_lines else "")
+          + (f"; dataset index {index}" if index else ""))
     return EXIT_OK if st.finished else EXIT_FAILED
 
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
 from . import converters
+from .dataset import DatasetOptions
 from .errors import ConfigError
 from .limits import usable_cpus
 from .manifest import MAX_SHARDS, TASKS_PER_SHARD
@@ -248,11 +249,22 @@ class Config(ConfigModel):
     dicom: DicomOptions = Field(default_factory=DicomOptions, description="DICOM series: what goes into the log")
     qc: QcOptions = Field(default_factory=QcOptions,
                           description="quality control: true (figures measured during run), or its options")
+    dataset: DatasetOptions = Field(default_factory=DatasetOptions,
+                                    description="training sets (to: preprocess): split into train/val/test or folds")
     source: Optional[Path] = Field(None, description="the config file (set by load_config)")
 
     _log = field_validator("log", mode="before")(resolve_path)
     _mem = field_validator("memory_budget", mode="before")(lambda v: _size(v))
     _qc = field_validator("qc", mode="before")(qc_options)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_for_preprocess(cls, v, info: ValidationInfo):
+        to = getattr(info.data.get("convert"), "to", None)
+        if v.split is not None and to is not None and to != "preprocess":
+            raise ValueError(f"dataset.split applies to convert.to: preprocess (the run writes dataset.json and "
+                             f"splits.json), found convert.to: {to}")
+        return v
 
     @property
     def log_path(self) -> Path:

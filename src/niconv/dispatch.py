@@ -164,8 +164,9 @@ def death_cause(exc: BaseException) -> str:
 
 def results(tasks: list[Task], width: int, jobs: int, scope=None,
             memory: Callable[[Task], int] = lambda t: 0,
-            after_death: Callable[[], object] = lambda: None) -> Iterator[TaskResult]:
-    """Results of :func:`niconv.worker.convert_one` over ``tasks`` as they complete (any order).
+            after_death: Callable[[], object] = lambda: None,
+            work: Callable[[list[Task], object], list[TaskResult]] = convert_batch) -> Iterator[TaskResult]:
+    """Results of :func:`niconv.worker.convert_one` (or of ``work``) over ``tasks`` as they complete (any order).
 
     Parameters
     ----------
@@ -185,6 +186,10 @@ def results(tasks: list[Task], width: int, jobs: int, scope=None,
     after_death : callable
         Called after workers died, before anything is run again: removes the
         temporary files the dead workers left.
+    work : callable
+        ``work(batch, scope) -> results``, a top-level function that never raises
+        for a task's problem: :func:`niconv.worker.convert_batch` (default), or
+        another pass over the same tasks (the cohort statistics' first pass).
 
     Yields
     ------
@@ -196,18 +201,18 @@ def results(tasks: list[Task], width: int, jobs: int, scope=None,
     """
     if jobs <= 1:
         for t in tasks:  # in-process: same worker function, no process pool
-            yield convert_one(t, scope)
+            yield convert_one(t, scope) if work is convert_batch else work([t], scope)[0]
         return
     if width <= 1:  # each needs the memory of all workers: one at a time, twice if its worker dies
         for t in tasks:
-            yield _alone(t, jobs, scope, memory, after_death, attempts=2)
+            yield _alone(t, jobs, scope, memory, after_death, attempts=2, work=work)
         return
     remaining = {t.task_id: t for t in tasks}
     held: list[Task] = []  # tasks a dead pool had been given: each reruns once, alone
     while remaining:
         handed: list[list[Task]] = []
         try:
-            for result in _pool_results(list(remaining.values()), width, scope, handed):
+            for result in _pool_results(list(remaining.values()), width, scope, handed, work):
                 del remaining[result.task_id]
                 yield result
         except Exception as exc:
@@ -219,10 +224,10 @@ def results(tasks: list[Task], width: int, jobs: int, scope=None,
             held.extend(lost)
             after_death()
     for t in held:
-        yield _alone(t, jobs, scope, memory, after_death, attempts=1)
+        yield _alone(t, jobs, scope, memory, after_death, attempts=1, work=work)
 
 
-def _pool_results(tasks: list[Task], width: int, scope, handed: list) -> Iterator[TaskResult]:
+def _pool_results(tasks: list[Task], width: int, scope, handed: list, work=convert_batch) -> Iterator[TaskResult]:
     """Results from the worker pool, recording in ``handed`` every batch given to it."""
     from joblib import delayed
 
@@ -231,7 +236,7 @@ def _pool_results(tasks: list[Task], width: int, scope, handed: list) -> Iterato
     def calls():
         for b in batches(tasks, width, pace):
             handed.append(b)
-            yield delayed(convert_batch)(b, scope)
+            yield delayed(work)(b, scope)
 
     gen = processes(width, return_as="generator_unordered", batch_size=1)(calls())
     try:
@@ -244,13 +249,13 @@ def _pool_results(tasks: list[Task], width: int, scope, handed: list) -> Iterato
 
 
 def _alone(task: Task, jobs: int, scope, memory: Callable[[Task], int], after_death: Callable[[], object],
-           attempts: int) -> TaskResult:
+           attempts: int, work=convert_batch) -> TaskResult:
     """Run one task by itself in a worker process (a fresh one after a death), up to ``attempts`` times."""
     from joblib import delayed
 
     for _ in range(attempts):
         try:
-            return processes(jobs)([delayed(convert_batch)([task], scope)])[0][0]
+            return processes(jobs)([delayed(work)([task], scope)])[0][0]
         except Exception as exc:
             if not _worker_lost(exc):
                 raise

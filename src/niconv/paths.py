@@ -10,7 +10,7 @@ from .errors import OutputError
 
 
 # config keys that name a file; every other path key names a folder
-_FILE_KEYS = {"log"}
+_FILE_KEYS = {"log", "csv"}
 
 
 def resolve_path(value: Any, info: Any) -> Any:

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 import numpy as np
 from pydantic import (BaseModel, BeforeValidator, Field, SerializeAsAny, ValidationInfo, create_model,
-                      field_validator, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 from .ops import crop as crop_ops
 from .ops import intensity as iops
@@ -333,6 +333,23 @@ class NormalizeOptions(ConfigModel):
     level: Optional[float] = None
     width: Optional[float] = None
     preset: Optional[str] = None
+    scope: Literal["image", "cohort"] = Field(
+        "image", description="image: statistics of each image; cohort: of the training split (a first pass)")
+    statistics: Optional[tuple[dict[str, float], ...]] = Field(
+        None, description="per channel, the cohort statistics to use (zscore: mean, std; minmax: low, high); "
+                          "set by the run's first pass, or given to skip it")
+
+    @model_serializer(mode="wrap")
+    def _without_defaults(self, handler):
+        # scope and statistics at their defaults stay out of the dump, so the task ids of
+        # configs written before these keys existed stay what they were
+        data = handler(self)
+        if isinstance(data, dict):
+            if self.scope == "image":
+                data.pop("scope", None)
+            if self.statistics is None:
+                data.pop("statistics", None)
+        return data
 
     @model_validator(mode="after")
     def _method_keys(self):
@@ -349,6 +366,19 @@ class NormalizeOptions(ConfigModel):
         if extra:
             raise ValueError(f"{', '.join(extra)} does not apply to method {self.method} "
                              f"(it takes: {', '.join(sorted(allowed))})")
+        if self.scope == "cohort" and self.method not in COHORT_METHODS:
+            raise ValueError(f"scope: cohort works with method {', '.join(COHORT_METHODS)}, found method "
+                             f"{self.method} (use scope: image)")
+        if self.statistics is not None:
+            if self.scope != "cohort":
+                raise ValueError("statistics apply to scope: cohort only; add scope: cohort or remove statistics")
+            keys = COHORT_METHODS[self.method]
+            bad = [i for i, s in enumerate(self.statistics) if not set(keys) <= set(s)]
+            if bad:
+                raise ValueError(f"statistics[{bad[0]}]: expected the keys {', '.join(keys)} for method "
+                                 f"{self.method}, found {', '.join(sorted(self.statistics[bad[0]])) or 'none'}")
+            if self.method == "zscore" and not all(s["std"] > 0 for s in self.statistics):
+                raise ValueError("statistics: expected std above 0 for every channel")
         if self.range is not None and self.range[0] == self.range[1]:
             raise ValueError(f"range: expected two different numbers, found {list(self.range)}")
         if self.percentiles is not None:
@@ -365,6 +395,10 @@ class NormalizeOptions(ConfigModel):
             elif not self.width > 0:
                 raise ValueError(f"width: expected a positive window width (HU), found {self.width}")
         return self
+
+
+#: Methods whose statistics can be the cohort's (``scope: cohort``), and the keys of those statistics.
+COHORT_METHODS = {"zscore": ("mean", "std"), "minmax": ("low", "high"), "percentile": ("low", "high")}
 
 
 class ClipOptions(ConfigModel):
@@ -457,13 +491,15 @@ class Resample(Step):
 class Normalize(Step):
     """Per channel: ``zscore``, ``minmax`` or ``percentile`` (to ``range``, default [0, 1]),
     or a CT ``window`` (``preset``, or ``level`` and ``width`` in HU); ``mask: nonzero``
-    keeps the background 0."""
+    keeps the background 0; ``scope: cohort`` (zscore, minmax, percentile) uses the training split's statistics."""
 
     name = "normalize"
     options = NormalizeOptions
 
     @staticmethod
     def apply(p: NormalizeOptions, a: Arrays) -> tuple[Arrays, dict]:
+        if p.scope == "cohort":
+            return a, {"method": p.method, "scope": "cohort", "channels": _normalize_cohort(p, a.data)}
         stats = []
         for x in a.data:
             if p.method == "zscore":
@@ -476,6 +512,20 @@ class Normalize(Step):
                 level, width = iops.CT_WINDOWS[p.preset] if p.preset else (p.level, p.width)
                 stats.append(iops.window(x, level, width, p.range or (0.0, 1.0)))
         return a, {"method": p.method, "channels": stats}
+
+
+def _normalize_cohort(p: NormalizeOptions, data: np.ndarray) -> list[dict]:
+    """Normalize each channel in place with the cohort's statistics (``p.statistics``)."""
+    if p.statistics is None:
+        raise ValueError("scope: cohort needs the cohort's statistics, computed by niconv run's first pass "
+                         "(or given as statistics); none were given")
+    if len(p.statistics) != data.shape[0]:
+        raise ValueError(f"the image has {data.shape[0]} channel(s), the cohort statistics {len(p.statistics)}")
+    if p.method == "zscore":
+        return [iops.standardize(x, s["mean"], s["std"], p.mask) for x, s in zip(data, p.statistics)]
+    # percentile: values beyond the cohort's percentiles are clipped, as per image
+    return [iops.rescale(x, s["low"], s["high"], p.range or (0.0, 1.0), p.mask, clip=p.method == "percentile")
+            for x, s in zip(data, p.statistics)]
 
 
 class Clip(Step):

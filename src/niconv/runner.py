@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, codec, converters, dispatch
+from . import __version__, codec, converters, dataset, dispatch
 from .config import Config
 from .dask_backend import dask_backend
 from .limits import available_memory, cap_jobs
@@ -291,6 +291,10 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     log_path = shard_log_path(config.log_path, shard)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     state = _RunState()
+    # a preprocess run is a training set: its splits (a stratification CSV's problems stop it before any work)
+    splits = dataset.make_splits(config, tasks) if config.convert.to == "preprocess" else None
+    statistics = None
+    runnable = tasks
     with run_lock(Path(config.output.root) / LOCK_FILE, shard) as token, _sigterm_as_interrupt():
         # workers write only under the real output root; temporary names carry the tree's token
         scope = WriteScope(os.path.realpath(config.output.root), token)
@@ -302,8 +306,14 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         def remove_temps() -> None:  # left by a killed run or dead workers; live writers' files are kept
             remove_stale_temps(scope, read_roots)
 
+        if dataset.needs_first_pass(config):
+            # the conversion tasks carry the statistics, so their ids change with them
+            runnable, statistics = _first_pass(config, tasks, splits, jobs, backend, scheduler, scope,
+                                               remove_temps, shard, state)
+        else:
+            statistics = dataset.given_statistics(config, tasks)
         logged = read_log(log_path)
-        todo = plan(tasks, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
+        todo = plan(runnable, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
         with _local_pool(groups, jobs, backend) as workers:
@@ -338,6 +348,9 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
                 if log is not None:
                     state.attempt(log.close, f"closing the log {log_path}")
                 os.sync()
+        if splits is not None and shard is None and runnable:  # a shard's index is written by niconv merge
+            state.attempt(lambda: dataset.write_dataset_files(config, runnable, splits, statistics),
+                          "writing the dataset index")
         summary = RunSummary(
             total=len(todo.pending) + len(todo.done) + len(todo.failed_before) + len(todo.skipped),
             converted=counts["ok"], skipped=counts["skipped"] + len(todo.skipped), failed=counts["failed"],
@@ -347,9 +360,30 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             error=state.error, unlogged=state.unlogged, unlogged_reason=state.unlogged_reason,
             log_damaged_lines=logged.damaged_lines, redone=len(todo.redone))
         record = _record(config, tasks, summary, started, jobs, backend, shard)
+        record["statistics"] = statistics.as_json() if statistics is not None else None
         if not state.attempt(lambda: write_run_record(run_record_path(log_path), record), "writing the run record"):
             summary = dataclasses.replace(summary, error=state.error)
     return summary
+
+
+def _first_pass(config: Config, tasks, splits, jobs: int, backend: str, scheduler, scope, remove_temps, shard,
+                state) -> tuple[tuple[Task, ...], object]:
+    """The cohort statistics' first pass through the conversions' dispatch, and the conversion tasks
+    that carry them; ``((), None)`` when the pass was interrupted or failed (recorded in ``state``)."""
+    def run_tasks(pending):
+        for width, group in concurrency_groups(tuple(pending), jobs, memory_budget(config)):
+            yield from dispatch.results(group, width, jobs, scope, memory=estimate_memory,
+                                        after_death=remove_temps, work=dataset.statistics_batch)
+
+    try:
+        with _backend(config, backend, scheduler):
+            statistics = dataset.first_pass(config, tasks, splits, run_tasks, shard)
+        return dataset.with_statistics(config, tasks, statistics), statistics
+    except KeyboardInterrupt:
+        state.interrupted = True
+    except Exception as exc:  # noqa: BLE001 - the run ends with a summary and a record
+        state.fail(exc, "computing the cohort statistics")
+    return (), None
 
 
 class _RunState:

@@ -14,8 +14,9 @@ after resolving symbolic links (``os.path.realpath``). A plan is refused when
   holds one) and one of them would replace a file niconv did not write, or
   match the scan's include patterns (the next run would take it as an input).
   An output root *inside* an input root is fine: scans leave the output tree out;
-- the log or the run record is an input, or exists and is not niconv's
-  (:func:`check_run_files`).
+- the log or the run record (or a preprocess run's ``dataset.json``,
+  ``splits.json`` and cohort statistics log) is an input, or exists and is not
+  niconv's (:func:`check_run_files`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import converters
+from . import converters, dataset
 from .errors import ConfigError, ScanError
 from .lock import FULL_RUN_FILE, LOCK_FILE
 from .log import is_log, read_rows
@@ -116,7 +117,8 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
     """Refuse a log, run record or lock file that is an input, or exists and is not niconv's.
 
     Checks the configured log, the logs of shard runs beside it, each log's run
-    record (``<log stem>.run.json``) and the output tree's lock files. A log is
+    record (``<log stem>.run.json``), the output tree's lock files, and a
+    preprocess run's dataset files (:func:`niconv.dataset.own_files`). A log is
     niconv's when :func:`niconv.log.is_log` says so (blank, or a header or a row
     among its lines, as every command reads it), and it is a regular file with
     one name: rows are appended in place, never through a link.
@@ -147,13 +149,21 @@ def check_run_files(config, sources: set[str], real: Callable[[str], str] | None
         files.setdefault(shard_log, ("a shard's log", _log_problem))
     for path in list(files):
         files[run_record_path(path)] = ("the run record" if path == log else "a shard's run record", _record_problem)
+    if dataset.needs_first_pass(config):
+        stats = dataset.statistics_log_path(log)
+        for path in [stats, *log_files(stats)]:
+            files.setdefault(path, ("the cohort statistics log", _log_problem))
     root = Path(config.output.root)
     files[root / LOCK_FILE] = ("the output tree's lock file", _lock_problem)
     for lock in sorted(root.glob(".niconv.shard-*-of-*.lock")) + [root / FULL_RUN_FILE]:
         files[lock] = ("a run's lock file", _lock_problem)
+    in_root = {p for p in files if p.name.endswith(".lock")}
+    for path, (what, problem) in dataset.own_files(config).items():  # dataset.json, splits.json
+        files.setdefault(path, (what, problem))
+        in_root.add(path)
     found = {}
     for path, (what, problem) in files.items():
-        key = "output.root" if path.name.endswith(".lock") else "log"
+        key = "output.root" if path in in_root else "log"
         r = real(path)
         why = problem(path) if os.path.lexists(path) else None
         # a link planted at the name is the problem to name, not the input behind it

@@ -346,6 +346,29 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
 
 def _preprocess(image_path: str, output_path: str, options: Options, label_path: str | None,
                 label_map: bool = False) -> Conversion:
+    read, arrays, details = _read(image_path, options, label_path, label_map)
+    image, in_shape, in_dtype, zooms, in_axcodes = read
+    arrays = _run_steps(image_path, options.steps, arrays, details, label_map)
+    arr = _finish(output_path, options, arrays, details, image.header, label_map)
+    return Conversion(
+        outputs=tuple(details.pop("outputs")),
+        input_shape=in_shape,
+        input_dtype=in_dtype.name,
+        output_shape=tuple(int(s) for s in arr.shape),
+        output_dtype=arr.dtype.name,
+        zooms=tuple(float(z) for z in zooms),
+        axcodes=in_axcodes,
+        details=details,
+    )
+
+
+def _read(image_path: str, options: Options, label_path: str | None, label_map: bool = False):
+    """The input as the first step gets it: ``(facts about the input, Arrays, details so far)``.
+
+    Reads the image (and label map), checks it, makes the float32 working copy
+    and applies the NaN policy; ``facts`` holds the source image, input shape,
+    dtype, zooms and axis codes for the log row.
+    """
     vol = read_volume(image_path)
     image, raw = vol.image, vol.data
     affine = vol.affine
@@ -381,18 +404,27 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
 
     if not label_map:  # a label map keeps its own dtype (its values are finite, checked)
         arr, details["nan"]["voxels"] = _finite_float32(image_path, arr, options.nan)
-    arr = _run_steps(image_path, output_path, options, Arrays(arr, affine, label), details, image.header,
-                     label_map)
-    return Conversion(
-        outputs=tuple(details.pop("outputs")),
-        input_shape=in_shape,
-        input_dtype=in_dtype.name,
-        output_shape=tuple(int(s) for s in arr.shape),
-        output_dtype=arr.dtype.name,
-        zooms=tuple(float(z) for z in zooms),
-        axcodes=in_axcodes,
-        details=details,
-    )
+    return (image, in_shape, in_dtype, zooms, in_axcodes), Arrays(arr, affine, label), details
+
+
+def arrays_before(task, options: Options, index: int) -> Arrays:
+    """The task's image (a subject's channels) as it reaches ``options.steps[index]``: read, NaN
+    policy applied, and the steps before it run, exactly as the conversion does (without the
+    label map).
+
+    Raises
+    ------
+    InputError, SkippedInput
+        As :func:`convert`.
+    """
+    if task.subject is not None:
+        arrays, details, _ = _read_subject(task, options)
+        arrays = Arrays(arrays.data, arrays.affine, None)
+        where = details["where"]
+    else:
+        _, arrays, details = _read(task.input_path, options, None, task.label_map)
+        where = task.input_path
+    return _run_steps(where, options.steps[:index], arrays, details, task.label_map)
 
 
 def _finite_float32(where: str, arr: np.ndarray, nan: str) -> tuple[np.ndarray, int]:
@@ -409,14 +441,9 @@ def _finite_float32(where: str, arr: np.ndarray, nan: str) -> tuple[np.ndarray, 
     return arr, bad
 
 
-def _run_steps(where: str, output_path: str, options: Options, arrays: Arrays, details: dict, header,
-               label_map: bool = False, channels: tuple[str, ...] | None = None) -> np.ndarray:
-    """Run the steps on ``arrays``, lay out and write the result; returns the array written.
-
-    Fills ``details`` with ``applied``, ``after``, the label values after the
-    steps, and ``outputs`` (the files written, for the caller to take out).
-    """
-    for i, entry in enumerate(options.steps):
+def _run_steps(where: str, steps, arrays: Arrays, details: dict, label_map: bool = False) -> Arrays:
+    """Run ``steps`` in order on ``arrays``, recording each in ``details["applied"]``."""
+    for i, entry in enumerate(steps):
         step, p = entry.step, entry.options
         if label_map:
             if not step.spatial:
@@ -432,6 +459,17 @@ def _run_steps(where: str, output_path: str, options: Options, arrays: Arrays, d
         except ValueError as exc:
             raise InputError(where, f"steps[{i}].{step.name}: {exc}") from None
         details["applied"].append({"step": i, "name": step.name, **info})
+    return arrays
+
+
+def _finish(output_path: str, options: Options, arrays: Arrays, details: dict, header, label_map: bool = False,
+            channels: tuple[str, ...] | None = None) -> np.ndarray:
+    """Lay out and write the steps' result; returns the array written.
+
+    Fills ``details`` with ``after``, the label map's values, shape and dtype
+    after the steps (so the dataset index needs no second read), and
+    ``outputs`` (the files written, for the caller to take out).
+    """
     arr, affine, label = arrays.data, arrays.affine, arrays.label
     del arrays
 
@@ -445,7 +483,7 @@ def _run_steps(where: str, output_path: str, options: Options, arrays: Arrays, d
     after["dtype"] = arr.dtype.name
     details["after"] = after
     if label is not None:
-        details["label"]["values_after"] = _label_values(label)
+        details["label"].update(values_after=_label_values(label), shape=list(label.shape), dtype=label.dtype.name)
     details["outputs"] = _write(output_path, options, arr, affine, label, header, "label" if label_map else None,
                                 channels)
     return arr
@@ -455,7 +493,26 @@ def _run_steps(where: str, output_path: str, options: Options, arrays: Arrays, d
 
 
 def _preprocess_subject(task, options: Options) -> Conversion:
-    """One subject (``task.subject``): its channels stacked on the C axis in order, and its label map.
+    """One subject (``task.subject``): its channels stacked on the C axis in order, and its label map."""
+    arrays, details, ref = _read_subject(task, options)
+    where = details.pop("where")
+    arrays = _run_steps(where, options.steps, arrays, details)
+    out = _finish(task.output_path, options, arrays, details, ref[4], channels=tuple(details["channels"]))
+    return Conversion(
+        outputs=tuple(details.pop("outputs")),
+        input_shape=tuple(int(s) for s in ref[2]) + (len(details["channels"]),),
+        input_dtype=details["before"]["dtype"],
+        output_shape=tuple(int(s) for s in out.shape),
+        output_dtype=out.dtype.name,
+        zooms=tuple(float(z) for z in ref[5]),
+        axcodes=ref[6],
+        details=details,
+    )
+
+
+def _read_subject(task, options: Options):
+    """A subject's channels stacked on the C axis in order, and its label map, as the first step
+    gets them: ``(Arrays, details so far (with "where": the file errors name), the reference grid)``.
 
     Every channel and the label map must lie on the first channel's voxel grid
     (same shape, voxel positions within ``tolerance``): otherwise the task
@@ -514,18 +571,8 @@ def _preprocess_subject(task, options: Options) -> Conversion:
         del lab
     details["before"] = _geometry(arr, ref[3])
     details["before"]["dtype"] = np.result_type(*dtypes).name
-    out = _run_steps(where, task.output_path, options, Arrays(arr, ref[3], label), details, ref[4],
-                     channels=names)
-    return Conversion(
-        outputs=tuple(details.pop("outputs")),
-        input_shape=tuple(int(s) for s in ref[2]) + (len(names),),
-        input_dtype=details["before"]["dtype"],
-        output_shape=tuple(int(s) for s in out.shape),
-        output_dtype=out.dtype.name,
-        zooms=tuple(float(z) for z in ref[5]),
-        axcodes=ref[6],
-        details=details,
-    )
+    details["where"] = where
+    return Arrays(arr, ref[3], label), details, ref
 
 
 def _names(names) -> str:

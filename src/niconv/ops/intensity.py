@@ -153,6 +153,29 @@ def zscore(x: np.ndarray, mask: str = "none", eps: float = 1e-8) -> dict:
     return {"mean": mean, "std": div, "voxels": count}
 
 
+def standardize(x: np.ndarray, mean: float, std: float, mask: str = "none") -> dict:
+    """``(x - mean) / std`` in place with given statistics (a cohort's), on the masked voxels.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        One float32 channel, shape ``(X, Y, Z)``, modified in place.
+    mean, std : float
+        The statistics to use; ``std`` must be above 0.
+    mask : {"none", "nonzero"}
+        Voxels transformed; with ``"nonzero"`` the others stay 0.
+
+    Returns
+    -------
+    dict
+        ``mean``, ``std`` (as given) and ``voxels`` (masked count of this channel).
+    """
+    _check_mask(mask)
+    count = sum(int(np.count_nonzero(_valid(s, mask))) for s in _slabs(x))
+    _apply_affine(x, 1.0 / std, -mean / std, mask)
+    return {"mean": float(mean), "std": float(std), "voxels": count}
+
+
 def rescale(x: np.ndarray, low: float, high: float, out_range=(0.0, 1.0), mask: str = "none",
             clip: bool = True) -> dict:
     """Map ``[low, high]`` linearly onto ``out_range`` in place, optionally clipping outside it.
