@@ -142,8 +142,10 @@ def sample_names(source, channels: int | None = None) -> tuple[str, list[str] | 
         details = _details(source)
         subject = source.get("subject") or details.get("subject")
         names = details.get("channels")
-    else:
-        subject, names = getattr(source, "subject", None), getattr(source, "channels", None)
+    else:  # a task: a subject task carries its record (name, channels as (name, path, volume))
+        record = getattr(source, "subject", None)
+        subject = getattr(record, "name", None)
+        names = [name for name, _, _ in record.channels] if record is not None else None
     subject = subject or image_stem(source["input_path"] if isinstance(source, dict) else source.input_path)
     if not names and channels is not None:
         names = ["image"] if channels == 1 else [f"channel{i}" for i in range(channels)]
