@@ -278,9 +278,9 @@ def load_sample(index: Index, sample: Sample, corner: Sequence[int] | None = Non
         else:
             raise DatasetError(path, f"sample {sample.id!r} is {sample.format}: the loaders read npy or npz "
                                      f"outputs (convert with format: npy)")
-        # copies into memory: only the patch's pages of a memory map are read
-        image = np.ascontiguousarray(image[where])
-        label = None if label is None else np.ascontiguousarray(label[where])
+        # a copy in memory, writable: of a memory map, only the patch's pages are read
+        image = np.array(image[where], order="C")
+        label = None if label is None else np.array(label[where], order="C")
     except (OSError, ValueError) as exc:
         raise DatasetError(path, f"cannot read sample {sample.id!r}: {exc}") from None
     return image, label
