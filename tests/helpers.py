@@ -118,11 +118,12 @@ LOADER_IMAGES = ("dipy_aniso_vox.nii.gz", "nib_anatomical.nii", "nib_small.mnc",
                  "sct_t2s.nii.gz")
 
 
-def preprocessed_cohort(folder: Path, images=LOADER_IMAGES, *, format: str = "npy", layout: str = "channels_first",
-                        shape=(20, 20, 16)) -> Path:
+def preprocessed_cohort(folder: Path, images=LOADER_IMAGES, *, format: str = "npy",
+                        layout: str = "channels_first", shape=(20, 20, 16)) -> Path:
     """Run the real ``niconv run`` (``to: preprocess``) on real cohort images copied into ``folder / "raw"``,
     each with a label map made by thresholding it (0 below its median, 1 above, 2 in its top 10 %) saved as
-    ``masks/{stem}_seg.nii.gz``; steps resample to 3 mm and ``crop_pad`` to ``shape``. Returns the output root."""
+    ``masks/{stem}_seg.nii.gz``; steps resample to 3 mm, z-score and ``crop_pad`` to ``shape``.
+    Returns the output root."""
     import nibabel as nib
     import numpy as np
 
@@ -138,8 +139,8 @@ def preprocessed_cohort(folder: Path, images=LOADER_IMAGES, *, format: str = "np
         nib.save(nib.Nifti1Image(label.astype(np.uint8), img.affine), str(masks / f"{name.split('.')[0]}_seg.nii.gz"))
     cfg = write_config(folder, f"input: {{root: raw}}\noutput: {{root: out}}\nconvert:\n  to: preprocess\n"
                                f"  format: {format}\n  layout: {layout}\n  labels: '{{stem}}_seg.nii.gz'\n"
-                               f"  labels_root: masks\n  steps: [{{resample: {{spacing: 3}}}}, "
-                               f"{{crop_pad: {{shape: {list(shape)}}}}}]\n")
+                               f"  labels_root: masks\n  steps:\n    - resample: {{spacing: 3}}\n"
+                               f"    - normalize: {{method: zscore}}\n    - crop_pad: {{shape: {list(shape)}}}\n")
     result = niconv("run", cfg, "--quiet")
     assert result.returncode == 0, result.stderr
     return folder / "out"

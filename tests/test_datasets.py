@@ -229,7 +229,8 @@ def test_a_missing_or_damaged_index_is_a_clear_error(copy_of):
     root = copy_of()
     index_path = root / "dataset.json"
     text = index_path.read_text()
-    with pytest.raises(DatasetError, match=r"copy/nowhere: dataset index not found \(a to: preprocess run writes dataset\.json"):
+    with pytest.raises(DatasetError, match=r"copy/nowhere: dataset index not found \(a to: preprocess run "
+                                           r"writes dataset\.json"):
         read_index(root / "nowhere")
     index_path.write_text(text[: len(text) // 2])
     with pytest.raises(DatasetError, match=r"dataset\.json: the dataset index is damaged: not valid JSON "
