@@ -269,6 +269,13 @@ def test_a_missing_or_stale_sample_file_is_named(copy_of):
     with pytest.raises(DatasetError, match=r"sct_t2s_label\.npy: it holds shape \[1, 20, 20, 8\] uint8, the index "
                                            r".* says \[1, 20, 20, 16\] uint8 \(the index is stale"):
         TorchDataset(index, "val")[0]
+    # read in a worker, the message comes through the framework's own error
+    import tensorflow as tf
+    with pytest.raises(tf.errors.OpError, match=r"sct_t2s_label\.npy: it holds shape \[1, 20, 20, 8\] uint8"):
+        list(tf_dataset(index, "val"))
+    with pytest.raises(RuntimeError, match=r"(?s)Caught DatasetError in DataLoader worker.*sct_t2s_label\.npy: it "
+                                           r"holds shape \[1, 20, 20, 8\] uint8"):
+        list(torch_loader(index, "val", num_workers=1))
     rewrite(root / "dataset.json", lambda d: d["samples"][0].update(image="../outside.npy"))
     with pytest.raises(DatasetError, match=r"path '\.\./outside\.npy' must be relative to the index's folder"):
         read_index(root)

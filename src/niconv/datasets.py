@@ -278,9 +278,11 @@ def load_sample(index: Index, sample: Sample, corner: Sequence[int] | None = Non
         else:
             raise DatasetError(path, f"sample {sample.id!r} is {sample.format}: the loaders read npy or npz "
                                      f"outputs (convert with format: npy)")
-        # a copy in memory, writable: of a memory map, only the patch's pages are read
-        image = np.array(image[where], order="C")
-        label = None if label is None else np.array(label[where], order="C")
+        # in memory, writable, C order: a memory map is copied (only the patch's pages are read);
+        # an .npz member is already in memory, so only a patch of it is copied
+        own = np.array if sample.format == "npy" else np.ascontiguousarray
+        image = own(image[where])
+        label = None if label is None else own(label[where])
     except (OSError, ValueError) as exc:
         raise DatasetError(path, f"cannot read sample {sample.id!r}: {exc}") from None
     return image, label
@@ -415,7 +417,7 @@ def tf_dataset(index: Index | str | Path, split: str | None = "train", *, batch_
         ``nifti`` format; samples that cannot share a batch (shapes differ and
         ``batch_size > 1``, dtypes differ, some without a label map); a patch larger than a
         sample. While iterating, a file changed since the index was written fails the read
-        with the :class:`DatasetError`'s message (inside a TensorFlow error).
+        with the :class:`DatasetError`'s message inside a ``tf.errors.OpError``.
     ImportError
         If TensorFlow is not installed (``pip install niconv[tensorflow]``).
     """
@@ -559,7 +561,9 @@ def torch_loader(index: Index | str | Path, split: str | None = "train", *, batc
     Raises
     ------
     DatasetError
-        As :func:`tf_dataset`.
+        As :func:`tf_dataset`, when the loader is made. While iterating, a file changed since
+        the index was written fails the read: a :class:`DatasetError` without workers, a
+        ``RuntimeError`` carrying its message from a worker (PyTorch's way).
     ImportError
         If PyTorch is not installed (``pip install niconv[torch]``).
     """
