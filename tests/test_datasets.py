@@ -249,12 +249,17 @@ def test_a_missing_or_damaged_index_is_a_clear_error(copy_of):
     def damage(d):
         d["samples"][1]["shape"] = "big"
         del d["samples"][2]["image"]
+        d["samples"][3]["dtype"] = "floaty"
+        d["samples"][4]["label_dtype"] = None
     rewrite(index_path, damage)
     with pytest.raises(DatasetError) as caught:
         read_index(root)
-    message = str(caught.value)
-    assert message.startswith(f"{index_path}: the dataset index is damaged, 2 problem(s):")
-    assert "samples[1].shape" in message and "samples[2].image" in message
+    assert str(caught.value).splitlines() == [
+        f"{index_path}: the dataset index is damaged, 4 problem(s):",
+        "  samples[1].shape: expected a list of numbers, found the string 'big'",
+        "  samples[2].image: required key is missing",
+        "  samples[3].dtype: expected a NumPy dtype name such as 'float32', found 'floaty'",
+        "  samples[4]: a sample with a label needs label_shape and label_dtype"]
     assert isinstance(caught.value, NiconvError)
 
 

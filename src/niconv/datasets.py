@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import DatasetError
 from .schema import problems
@@ -67,6 +67,21 @@ class Sample(_Record):
     channels: Optional[tuple[str, ...]] = None
     spacing: Optional[tuple[float, ...]] = None
     affine: Optional[tuple[tuple[float, ...], ...]] = None
+
+    @field_validator("dtype", "label_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        try:
+            np.dtype(v)
+        except TypeError:
+            raise ValueError(f"expected a NumPy dtype name such as 'float32', found {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _label_described(self):
+        if self.label is not None and (self.label_shape is None or self.label_dtype is None):
+            raise ValueError("a sample with a label needs label_shape and label_dtype")
+        return self
 
 
 class Index(_Record):
