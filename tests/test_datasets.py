@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,7 @@ def test_torch_batches_equal_the_arrays_on_disk_and_keep_to_the_split(npy_root):
         np.testing.assert_array_equal(labels[i], label)
     test = TorchDataset(npy_root, "test")
     assert len(test) == 1 and isinstance(test, torch.utils.data.Dataset)
+    assert type(pickle.loads(pickle.dumps(test))) is TorchDataset  # workers started by spawn get it by name
     x, y = test[0]
     np.testing.assert_array_equal(x.numpy(), on_disk(npy_root, "nib_small")[0])
     np.testing.assert_array_equal(y.numpy(), on_disk(npy_root, "nib_small")[1])

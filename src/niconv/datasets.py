@@ -530,7 +530,7 @@ def _torch_dataset_class():
                 return torch.from_numpy(image)
             return torch.from_numpy(image), torch.from_numpy(label)
 
-    TorchDataset.__module__ = __name__
+    TorchDataset.__module__, TorchDataset.__qualname__ = __name__, "TorchDataset"  # pickled by name (spawn)
     return TorchDataset
 
 
