@@ -273,16 +273,24 @@ def test_a_missing_or_stale_sample_file_is_named(copy_of):
         read_index(root)
     np.save(root / "sct_t2s_label.npy", np.zeros((1, 20, 20, 8), np.uint8))  # not what the index says
     index = read_index(root)
-    with pytest.raises(DatasetError, match=r"sct_t2s_label\.npy: it holds shape \[1, 20, 20, 8\] uint8, the index "
-                                           r".* says \[1, 20, 20, 16\] uint8 \(the index is stale"):
+    with pytest.raises(DatasetError, match=r"sct_t2s_label\.npy: the array is \[1, 20, 20, 8\] uint8, the index "
+                                           r".*dataset\.json says \[1, 20, 20, 16\] uint8 \(the index is stale"):
         TorchDataset(index, "val")[0]
     # read in a worker, the message comes through the framework's own error
     import tensorflow as tf
-    with pytest.raises(tf.errors.OpError, match=r"sct_t2s_label\.npy: it holds shape \[1, 20, 20, 8\] uint8"):
+    with pytest.raises(tf.errors.OpError, match=r"sct_t2s_label\.npy: the array is \[1, 20, 20, 8\] uint8"):
         list(tf_dataset(index, "val"))
-    with pytest.raises(RuntimeError, match=r"(?s)Caught DatasetError in DataLoader worker.*sct_t2s_label\.npy: it "
-                                           r"holds shape \[1, 20, 20, 8\] uint8"):
+    with pytest.raises(RuntimeError, match=r"(?s)Caught DatasetError in DataLoader worker.*sct_t2s_label\.npy: the "
+                                           r"array is \[1, 20, 20, 8\] uint8"):
         list(torch_loader(index, "val", num_workers=1))
+    (root / "sct_t2s.npy").write_bytes((root / "sct_t2s.npy").read_bytes()[:1000])  # cut short
+    with pytest.raises(DatasetError, match=r"sct_t2s\.npy: not a readable \.npy file: mmap length is greater "
+                                           r"than file size"):
+        load_sample(index, index.select("val")[0])
+    (root / "sct_t2s.npy").write_bytes(b"not an array at all")
+    with pytest.raises(DatasetError, match=r"sct_t2s\.npy: not a readable \.npy file: the magic string is not "
+                                           r"correct"):
+        load_sample(index, index.select("val")[0])
     rewrite(root / "dataset.json", lambda d: d["samples"][0].update(image="../outside.npy"))
     with pytest.raises(DatasetError, match=r"path '\.\./outside\.npy' must be relative to the index's folder"):
         read_index(root)

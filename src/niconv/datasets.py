@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import zipfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -273,47 +274,42 @@ def load_sample(index: Index, sample: Sample, corner: Sequence[int] | None = Non
         If a file holds another shape or dtype than the index says (the index is stale),
         an ``.npz`` lacks a member, the sample's format is ``nifti``, or a file cannot be read.
     """
+    _readable(index, sample)
     where = patch_slices(index.layout, corner, patch_size) if patch_size is not None else ()
-    path = index.file(sample.image)
+    # in memory, writable, C order: a memory map is copied (only the patch's pages are read);
+    # an .npz member is already in memory, so only a patch of it is copied
+    own = np.array if sample.format == "npy" else np.ascontiguousarray
+    image = own(_array(index, sample.image, "data", sample.shape, sample.dtype, sample.format)[where])
+    if sample.label is None:
+        return image, None
+    label = _array(index, sample.label, "label", sample.label_shape, sample.label_dtype, sample.format)
+    return image, own(label[where])
+
+
+def _readable(index: Index, sample: Sample) -> None:
+    if sample.format not in _READABLE:
+        raise DatasetError(index.file(sample.image), f"sample {sample.id!r} is {sample.format}: the loaders read "
+                                                     f"npy or npz outputs (convert with format: npy)")
+
+
+def _array(index: Index, rel: str, member: str, shape, dtype: str, fmt: str) -> np.ndarray:
+    """One array of a sample, checked against the index: an ``.npy`` by memory map, or a member of an ``.npz``."""
+    path = index.file(rel)
+    what = "the array" if fmt == "npy" else f"member {member!r}"
     try:
-        if sample.format == "npy":
-            image = _checked(np.load(path, mmap_mode="r"), path, "", sample.shape, sample.dtype, index)
-            label = None
-            if sample.label is not None:
-                lpath = index.file(sample.label)
-                label = _checked(np.load(lpath, mmap_mode="r"), lpath, "", sample.label_shape, sample.label_dtype,
-                                 index)
-        elif sample.format == "npz":
-            with np.load(path) as z:
-                image = _checked(_member(z, "data", path), path, "data", sample.shape, sample.dtype, index)
-                label = None
-                if sample.label is not None:
-                    label = _checked(_member(z, "label", path), path, "label", sample.label_shape,
-                                     sample.label_dtype, index)
+        if fmt == "npy":
+            arr = np.lib.format.open_memmap(path, mode="r")  # np.load would try other formats (pickle)
         else:
-            raise DatasetError(path, f"sample {sample.id!r} is {sample.format}: the loaders read npy or npz "
-                                     f"outputs (convert with format: npy)")
-        # in memory, writable, C order: a memory map is copied (only the patch's pages are read);
-        # an .npz member is already in memory, so only a patch of it is copied
-        own = np.array if sample.format == "npy" else np.ascontiguousarray
-        image = own(image[where])
-        label = None if label is None else own(label[where])
-    except (OSError, ValueError) as exc:
-        raise DatasetError(path, f"cannot read sample {sample.id!r}: {exc}") from None
-    return image, label
-
-
-def _member(z, name: str, path: Path) -> np.ndarray:
-    if name not in z.files:
-        raise DatasetError(path, f"the .npz has no {name!r} member (found {sorted(z.files)}); the index says it has")
-    return z[name]
-
-
-def _checked(arr: np.ndarray, path: Path, member: str, shape, dtype, index: Index) -> np.ndarray:
-    if tuple(arr.shape) != tuple(shape or ()) or arr.dtype != np.dtype(dtype):
-        what = f"member {member!r}" if member else "it"
-        raise DatasetError(path, f"{what} holds shape {list(arr.shape)} {arr.dtype}, the index {index.path} says "
-                                 f"{list(shape or ())} {dtype} (the index is stale: rerun the preprocess)")
+            with np.load(path) as z:
+                if member not in z.files:
+                    raise DatasetError(path, f"the .npz has no {member!r} member (found {sorted(z.files)}), "
+                                             f"the index {index.path} says it has")
+                arr = z[member]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(path, f"not a readable .{fmt} file: {exc}") from None
+    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise DatasetError(path, f"{what} is {list(arr.shape)} {arr.dtype}, the index {index.path} says "
+                                 f"{list(shape)} {dtype} (the index is stale: rerun the preprocess)")
     return arr
 
 
@@ -337,9 +333,7 @@ def _plan(index: Index | str | Path, split: str | None, fold: int | None, patch_
     index = index if isinstance(index, Index) else read_index(index)
     samples = index.select(split, fold)
     for s in samples:
-        if s.format not in _READABLE:
-            raise DatasetError(index.file(s.image), f"sample {s.id!r} is {s.format}: the loaders read npy or npz "
-                                                    f"outputs (convert with format: npy)")
+        _readable(index, s)
     if patch_size is not None:
         patch_size = (int(patch_size),) * 3 if np.ndim(patch_size) == 0 else tuple(int(p) for p in patch_size)
         if len(patch_size) != 3 or min(patch_size) < 1:
