@@ -300,7 +300,7 @@ def _array(index: Index, rel: str, member: str, shape, dtype: str, fmt: str) -> 
         if fmt == "npy":
             arr = np.lib.format.open_memmap(path, mode="r")  # np.load would try other formats (pickle)
         else:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 if member not in z.files:
                     raise DatasetError(path, f"the .npz has no {member!r} member (found {sorted(z.files)}), "
                                              f"the index {index.path} says it has")
