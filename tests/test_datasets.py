@@ -76,6 +76,27 @@ def test_read_index_gives_the_samples_and_splits_as_written(npy_root):
     assert sorted(np.unique(label).tolist()) == list(sample.label_values)
 
 
+def test_folds_split_the_training_samples_into_train_and_val(copy_of):
+    root = copy_of()
+
+    def folds(d):
+        d["splits"] = {"file": "splits.json", "by": "subject", "seed": 0, "val": None, "test": 0.2, "folds": 2}
+        for i, s in enumerate(x for x in d["samples"] if x["split"] != "test"):
+            s["split"], s["fold"] = "train", i % 2
+    rewrite(root / "dataset.json", folds)
+    index = read_index(root)
+    fold0 = {s.subject for s in index.samples if s.fold == 0}
+    fold1 = {s.subject for s in index.samples if s.fold == 1}
+    assert len(fold0) == 2 and len(fold1) == 2
+    assert {s.subject for s in index.select("val", fold=0)} == fold0
+    assert {s.subject for s in index.select("train", fold=0)} == fold1
+    assert [s.subject for s in index.select("test", fold=1)] == ["nib_small"]
+    [(x, _)] = list(tf_dataset(index, "val", fold=1, batch_size=2))
+    assert x.shape[0] == 2
+    with pytest.raises(DatasetError, match=r"fold=2 asked for; the index has folds 0 to 1"):
+        torch_loader(index, "train", fold=2)
+
+
 def test_importing_the_loaders_imports_no_framework():
     code = "import sys, niconv.datasets; print('tensorflow' in sys.modules, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -317,6 +338,10 @@ def test_what_cannot_be_batched_is_refused_before_any_read(copy_of):
                                            r"share a batch: preprocess to one shape \(crop_pad\), set patch_size"):
         torch_loader(root, "train", batch_size=2)
     assert len(torch_loader(root, "train", batch_size=1)) == 3  # one at a time, shapes may differ
+    rewrite(root / "dataset.json", lambda d: d["samples"][0].update(label=None, label_shape=None, label_dtype=None))
+    with pytest.raises(DatasetError, match=r"sample '[0-9a-f]+' has no label map while other samples of split "
+                                           r"'train' have one: batches need both or neither"):
+        tf_dataset(root, "train")
     rewrite(root / "dataset.json", lambda d: [s.update(format="nifti") for s in d["samples"]])
     with pytest.raises(DatasetError, match=r"is nifti: the loaders read npy or npz outputs \(convert with "
                                            r"format: npy\)"):
