@@ -116,7 +116,7 @@ class Index(_Record):
     path: Path = Path(INDEX_NAME)
 
     def file(self, relative: str) -> Path:
-        """The absolute path of a sample file named relative to the index's folder."""
+        """The path of a sample file named relative to the index's folder (``image``, ``label``)."""
         return self.path.parent / relative
 
     def select(self, split: str | None = "train", fold: int | None = None) -> tuple[Sample, ...]:
