@@ -12,7 +12,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from helpers import preprocessed_cohort, write_index
-from niconv.datasets import TorchDataset, load_sample, read_index, tf_dataset, torch_loader
+from niconv import datasets
+from niconv.datasets import load_sample, read_index, tf_dataset, torch_loader
 from niconv.errors import DatasetError, NiconvError
 
 SPLITS = {"sct_t2s": "val", "nib_small": "test"}  # the other three images train
@@ -151,9 +152,9 @@ def test_torch_batches_equal_the_arrays_on_disk_and_keep_to_the_split(npy_root):
         image, label = on_disk(npy_root, subject)
         np.testing.assert_array_equal(images[i], image)
         np.testing.assert_array_equal(labels[i], label)
-    test = TorchDataset(npy_root, "test")
+    test = datasets.TorchDataset(npy_root, "test")
     assert len(test) == 1 and isinstance(test, torch.utils.data.Dataset)
-    assert type(pickle.loads(pickle.dumps(test))) is TorchDataset  # workers started by spawn get it by name
+    assert type(pickle.loads(pickle.dumps(test))) is datasets.TorchDataset  # workers started by spawn get it by name
     x, y = test[0]
     np.testing.assert_array_equal(x.numpy(), on_disk(npy_root, "nib_small")[0])
     np.testing.assert_array_equal(y.numpy(), on_disk(npy_root, "nib_small")[1])
@@ -296,7 +297,7 @@ def test_a_missing_or_stale_sample_file_is_named(copy_of):
     index = read_index(root)
     with pytest.raises(DatasetError, match=r"sct_t2s_label\.npy: the array is \[1, 20, 20, 8\] uint8, the index "
                                            r".*dataset\.json says \[1, 20, 20, 16\] uint8 \(the index is stale"):
-        TorchDataset(index, "val")[0]
+        datasets.TorchDataset(index, "val")[0]
     # read in a worker, the message comes through the framework's own error
     import tensorflow as tf
     with pytest.raises(tf.errors.OpError, match=r"sct_t2s_label\.npy: the array is \[1, 20, 20, 8\] uint8"):
