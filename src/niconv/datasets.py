@@ -559,7 +559,8 @@ def torch_loader(index: Index | str | Path, split: str | None = "train", *, batc
     num_workers : int
         Worker processes reading samples in parallel (0: read in the training process).
     **options
-        Passed to ``DataLoader`` (``drop_last``, ``pin_memory``, ``prefetch_factor``...).
+        Passed to ``DataLoader`` (``drop_last``, ``pin_memory``, ``prefetch_factor``...;
+        ``persistent_workers`` is True by default when there are workers).
 
     Returns
     -------
@@ -578,6 +579,6 @@ def torch_loader(index: Index | str | Path, split: str | None = "train", *, batc
     """
     torch = _import("torch", "torch")
     dataset = __getattr__("TorchDataset")(index, split, patch_size=patch_size, fold=fold, _batch_size=batch_size)
+    options = {"persistent_workers": num_workers > 0, **options}  # workers kept from one epoch to the next
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       persistent_workers=num_workers > 0, **options)
+                                       generator=torch.Generator().manual_seed(seed), **options)
