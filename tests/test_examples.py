@@ -1,28 +1,31 @@
-"""The loading examples' shared helper, on real preprocess outputs (no PyTorch or TensorFlow needed)."""
+"""The training examples in examples/ run on the real preprocessed test cohort (each in its own process)."""
 from __future__ import annotations
 
-import shutil
+import re
+import subprocess
+import sys
 
-import numpy as np
+import pytest
 
-from helpers import example_module, niconv, write_config
-
-npz_cohort = example_module("npz_cohort")
-batchable, data_shape = npz_cohort.batchable, npz_cohort.data_shape
+from helpers import REPO, preprocessed_cohort, write_index
 
 
-def test_batchable_keeps_the_common_shape_and_names_the_rest(cohort, tmp_path, capsys):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for name in ("dipy_aniso_vox.nii.gz", "nib_anatomical.nii", "nib_example4d.nii.gz"):
-        shutil.copy(cohort / name, raw / name)
-    cfg = write_config(tmp_path, "input: {root: raw}\noutput: {root: out}\nconvert:\n  to: preprocess\n"
-                                 "  steps: [{resample: {spacing: 4}}, {crop_pad: {shape: [16, 16, 16]}}]\n")
-    assert niconv("run", cfg, "--quiet").returncode == 0
-    out = tmp_path / "out"
-    assert data_shape(out / "nib_example4d.npz") == np.load(out / "nib_example4d.npz")["data"].shape == (2, 16, 16, 16)
-    files, shape = batchable(out)
-    assert shape == (1, 16, 16, 16)
-    assert sorted(p.name for p in files) == ["dipy_aniso_vox.npz", "nib_anatomical.npz"]
-    err = capsys.readouterr().err
-    assert "left out" in err and "nib_example4d.npz: data shape (2, 16, 16, 16), the others (1, 16, 16, 16)" in err
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+    """The real test cohort preprocessed to ``.npy`` (1, 20, 20, 16), three samples in the training split."""
+    out = preprocessed_cohort(tmp_path_factory.mktemp("cohort"))
+    write_index(out, {"sct_t2s": "val", "nib_small": "test"})
+    return out
+
+
+@pytest.mark.parametrize("example, batch", [
+    ("load_pytorch.py", "batch (2, 1, 16, 16, 16) torch.float32 (2, 1, 16, 16, 16) torch.uint8"),
+    ("load_tensorflow.py", "batch (2, 16, 16, 16, 1) float32 (2, 16, 16, 16, 1) uint8"),
+])
+def test_training_example_runs_on_the_preprocessed_cohort(preprocessed, example, batch):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / example), str(preprocessed)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == batch
+    assert re.fullmatch(r"loss \d+\.\d+", lines[1]), lines  # two epochs of training ran to a finite loss

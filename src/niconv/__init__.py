@@ -5,15 +5,15 @@ a whole cohort from one YAML config (``niconv run CONFIG``).
 """
 __version__ = "0.1.0"
 
-from .errors import (ClusterError, ConfigError, InputError, LockError, NiconvError, OutputError, ScanError,
-                     SkippedInput, UnsupportedInput)
+from .errors import (ClusterError, ConfigError, DatasetError, InputError, LockError, NiconvError, OutputError,
+                     ScanError, SkippedInput, UnsupportedInput)
 
 __all__ = [
     # seed API: one file, no runner
     "nifti_to_numpy", "numpy_to_nifti",
     # errors
     "NiconvError", "ConfigError", "ScanError", "InputError", "UnsupportedInput", "SkippedInput",
-    "OutputError", "LockError", "ClusterError",
+    "OutputError", "LockError", "ClusterError", "DatasetError",
 ]
 
 

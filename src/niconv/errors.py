@@ -69,3 +69,8 @@ class LockError(NiconvError):
 
 class ClusterError(NiconvError):
     """A cluster command (sbatch, scontrol, a Dask scheduler) failed or is unavailable."""
+
+
+class DatasetError(NiconvError):
+    """A dataset index (``dataset.json``) or one of its sample files cannot be used for training:
+    missing, damaged, of another version, or not matching what the index says."""
