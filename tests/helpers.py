@@ -122,12 +122,16 @@ LOADER_IMAGES = ("dipy_aniso_vox.nii.gz", "nib_anatomical.nii", "nib_small.mnc",
                  "sct_t2s.nii.gz")
 
 
+# with this seed, the hash-based split of LOADER_IMAGES puts sct_t2s in val, nib_small in test, the rest in train
+LOADER_SPLIT = "dataset: {split: {val: 0.2, test: 0.2, seed: 45}}\n"
+
+
 def preprocessed_cohort(folder: Path, images=LOADER_IMAGES, *, format: str = "npy",
                         layout: str = "channels_first", shape=(20, 20, 16)) -> Path:
     """Run the real ``niconv run`` (``to: preprocess``) on real cohort images copied into ``folder / "raw"``,
     each with a label map made by thresholding it (0 below its median, 1 above, 2 in its top 10 %) saved as
-    ``masks/{stem}_seg.nii.gz``; steps resample to 3 mm, z-score and ``crop_pad`` to ``shape``.
-    Returns the output root."""
+    ``masks/{stem}_seg.nii.gz``; steps resample to 3 mm, z-score and ``crop_pad`` to ``shape``; the run
+    writes its index ``dataset.json`` (split by :data:`LOADER_SPLIT`). Returns the output root."""
     import nibabel as nib
     import numpy as np
 
@@ -144,61 +148,8 @@ def preprocessed_cohort(folder: Path, images=LOADER_IMAGES, *, format: str = "np
     cfg = write_config(folder, f"input: {{root: raw}}\noutput: {{root: out}}\nconvert:\n  to: preprocess\n"
                                f"  format: {format}\n  layout: {layout}\n  labels: '{{stem}}_seg.nii.gz'\n"
                                f"  labels_root: masks\n  steps:\n    - resample: {{spacing: 3}}\n"
-                               f"    - normalize: {{method: zscore}}\n    - crop_pad: {{shape: {list(shape)}}}\n")
+                               f"    - normalize: {{method: zscore}}\n    - crop_pad: {{shape: {list(shape)}}}\n"
+                               + LOADER_SPLIT)
     result = niconv("run", cfg, "--quiet")
     assert result.returncode == 0, result.stderr
     return folder / "out"
-
-
-def write_index(out_root: Path, splits: dict[str, str] | None = None) -> Path:
-    """STAND-IN for the dataset index writer of issue 16 (``dataset.json`` at the end of a preprocess run),
-    to be replaced by the real writer: writes ``out_root/dataset.json`` from the log's ok rows, following
-    the index contract (version 1) field by field. ``splits`` maps an input stem to its split (default
-    ``train``; then ``"splits"`` is null). Returns the index's path."""
-    import json
-
-    import numpy as np
-
-    from niconv import __version__
-
-    out_root = Path(out_root).resolve()
-    samples = []
-    layouts = set()
-    for row in rows_of(out_root / "niconv_log.csv"):
-        if row["status"] != "ok":
-            continue
-        details = json.loads(row["details"])
-        layouts.add(details["layout"])
-        out = Path(row["output_path"])
-        fmt = {".npy": "npy", ".npz": "npz"}.get(out.suffix, "nifti")
-        stem = Path(row["input_path"]).name.split(".")[0]
-        label = None
-        if "label" in details:
-            label = out if fmt == "npz" else out.with_name(out.name.replace(out.suffix, "_label" + out.suffix))
-            if fmt == "npz":
-                with np.load(out) as z:
-                    lab = z["label"]
-            else:
-                lab = np.load(label, mmap_mode="r")
-            label_shape, label_dtype = list(lab.shape), lab.dtype.name
-        samples.append({
-            "id": row["task_id"], "subject": stem, "split": (splits or {}).get(stem, "train"), "fold": None,
-            "image": out.relative_to(out_root).as_posix(), "label": label and label.relative_to(out_root).as_posix(),
-            "format": fmt, "shape": [int(n) for n in row["output_shape"].split("x")], "dtype": row["output_dtype"],
-            "label_shape": label and label_shape, "label_dtype": label and label_dtype,
-            "label_values": label and details["label"]["values_after"],
-            "channels": ["image"], "spacing": details["after"]["spacing"], "affine": details["after"]["affine"],
-        })
-    samples.sort(key=lambda s: s["id"])
-    index = {
-        "format": "niconv-dataset", "version": 1, "niconv": __version__, "layout": layouts.pop(),
-        "channels": ["image"], "label": "label" if any(s["label"] for s in samples) else None,
-        "preprocessing": json.loads(rows_of(out_root / "niconv_log.csv")[0]["details"])["steps"],
-        "splits": {"file": "splits.json", "by": "subject", "seed": 0, "val": None, "test": None, "folds": None}
-        if splits else None,
-        "statistics": None,
-        "samples": samples,
-    }
-    path = out_root / "dataset.json"
-    path.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return path

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from helpers import preprocessed_cohort, write_index
+from helpers import preprocessed_cohort
 from niconv import datasets
 from niconv.datasets import load_sample, read_index, tf_dataset, torch_loader
 from niconv.errors import DatasetError, NiconvError
 
-SPLITS = {"sct_t2s": "val", "nib_small": "test"}  # the other three images train
+# helpers.LOADER_SPLIT puts sct_t2s in val and nib_small in test; the other three images train
 TRAIN = ["dipy_aniso_vox", "nib_anatomical", "sct_fmri_tsnr"]
 
 
@@ -24,7 +24,6 @@ TRAIN = ["dipy_aniso_vox", "nib_anatomical", "sct_fmri_tsnr"]
 def npy_root(tmp_path_factory):
     """A real preprocessed cohort, ``format: npy`` (channels_first, (1, 20, 20, 16)), with its index."""
     out = preprocessed_cohort(tmp_path_factory.mktemp("npy"))
-    write_index(out, SPLITS)
     return out
 
 
@@ -32,7 +31,6 @@ def npy_root(tmp_path_factory):
 def npz_root(tmp_path_factory):
     """The same images as ``format: npz`` and ``layout: channels_last`` ((20, 20, 16, 1))."""
     out = preprocessed_cohort(tmp_path_factory.mktemp("npz"), format="npz", layout="channels_last")
-    write_index(out, SPLITS)
     return out
 
 

@@ -7,14 +7,13 @@ import sys
 
 import pytest
 
-from helpers import REPO, preprocessed_cohort, write_index
+from helpers import REPO, preprocessed_cohort
 
 
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory):
     """The real test cohort preprocessed to ``.npy`` (1, 20, 20, 16), three samples in the training split."""
     out = preprocessed_cohort(tmp_path_factory.mktemp("cohort"))
-    write_index(out, {"sct_t2s": "val", "nib_small": "test"})
     return out
 
 
