@@ -444,14 +444,16 @@ def test_a_file_whose_header_is_cut_short_fails_alone_and_its_series_says_what_i
     assert "missing images" in rest["error_message"]
 
 
-def test_a_sidecar_never_replaces_a_file_niconv_did_not_write(slab, tmp_path, frozen_inputs):
-    """Output root = input root: the series' JSON sidecar would replace the user's own file there."""
+@pytest.mark.parametrize("suffix", [".json", ".bval", ".bvec"])
+def test_a_sidecar_never_replaces_a_file_niconv_did_not_write(slab, tmp_path, frozen_inputs, suffix):
+    """Output root = input root: a sidecar the series may get (its JSON; b-values and vectors, which
+    dcm2niix writes for diffusion) would replace the user's own file there."""
     copy_series(slab, tmp_path / "in" / "t1")
     name = "401_anat-T1w_" + __import__("hashlib").sha256(
         pydicom.dcmread(next((tmp_path / "in" / "t1").iterdir())).SeriesInstanceUID.encode()).hexdigest()[:8]
-    (tmp_path / "in" / "t1" / f"{name}.json").write_text('{"mine": true}\n')
+    (tmp_path / "in" / "t1" / f"{name}{suffix}").write_text("mine\n")
     frozen_inputs(tmp_path / "in")
     cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: in}\nconvert: {to: nifti}\n")
     plan = niconv("plan", cfg)
     assert plan.returncode == 2
-    assert f"1 output would replace a file niconv did not write" in plan.stderr and f"{name}.json" in plan.stderr
+    assert f"1 output would replace a file niconv did not write" in plan.stderr and f"{name}{suffix}" in plan.stderr

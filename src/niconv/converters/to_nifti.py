@@ -230,13 +230,18 @@ def write_nifti(input_path: str, output_file: str, options: Options, reference: 
     )
 
 
+# the sidecars dcm2niix may write beside a series' image: its JSON; b-values and vectors (diffusion)
+SIDECARS = (".json", ".bval", ".bvec")
+
+
 def output_paths(task) -> tuple[str, ...]:
-    """The output; for a DICOM series also its JSON sidecar beside it (``<name>.json``)."""
+    """The output; for a DICOM series also every sidecar it may get beside it (:data:`SIDECARS`),
+    so that no plan lets one replace a file niconv did not write."""
     if task.series is None:
         return (task.output_path,)
     out = Path(task.output_path)
     stem = out.name[: -len(".nii.gz")] if out.name.lower().endswith(".nii.gz") else out.stem
-    return (task.output_path, str(out.with_name(stem + ".json")))
+    return (task.output_path, *(str(out.with_name(stem + suffix)) for suffix in SIDECARS))
 
 
 def stored_affine(path: str, key: str | None = None) -> np.ndarray | None:
