@@ -346,10 +346,10 @@ def preprocess_volume(image_path, output_path, steps, label_path=None, *, layout
 
 def _preprocess(image_path: str, output_path: str, options: Options, label_path: str | None,
                 label_map: bool = False) -> Conversion:
-    read, arrays, details = _read(image_path, options, label_path, label_map)
-    image, in_shape, in_dtype, zooms, in_axcodes = read
-    arrays = _run_steps(image_path, options.steps, arrays, details, label_map)
-    arr = _finish(output_path, options, arrays, details, image.header, label_map)
+    read, held, details = _read(image_path, options, label_path, label_map)
+    header, in_shape, in_dtype, zooms, in_axcodes = read
+    held = _run_steps(image_path, options.steps, held, details, label_map)
+    arr = _finish(output_path, options, held, details, header, label_map)
     return Conversion(
         outputs=tuple(details.pop("outputs")),
         input_shape=in_shape,
@@ -363,10 +363,15 @@ def _preprocess(image_path: str, output_path: str, options: Options, label_path:
 
 
 def _read(image_path: str, options: Options, label_path: str | None, label_map: bool = False):
-    """The input as the first step gets it: ``(facts about the input, Arrays, details so far)``.
+    """The input as the first step gets it: ``(facts about the input, [Arrays], details so far)``.
+
+    The arrays come in a one-item list that the next stage empties: holding
+    them nowhere else lets each step's input be freed once the step has
+    replaced it (a whole float32 volume less at the peak).
 
     Reads the image (and label map), checks it, makes the float32 working copy
-    and applies the NaN policy; ``facts`` holds the source image, input shape,
+    and applies the NaN policy; ``facts`` holds the source's header (not the image,
+    whose voxel buffer is freed once the working copy is made), input shape,
     dtype, zooms and axis codes for the log row.
     """
     vol = read_volume(image_path)
@@ -404,7 +409,7 @@ def _read(image_path: str, options: Options, label_path: str | None, label_map: 
 
     if not label_map:  # a label map keeps its own dtype (its values are finite, checked)
         arr, details["nan"]["voxels"] = _finite_float32(image_path, arr, options.nan)
-    return (image, in_shape, in_dtype, zooms, in_axcodes), Arrays(arr, affine, label), details
+    return (image.header, in_shape, in_dtype, zooms, in_axcodes), [Arrays(arr, affine, label)], details
 
 
 def arrays_before(task, options: Options, index: int) -> Arrays:
@@ -418,13 +423,15 @@ def arrays_before(task, options: Options, index: int) -> Arrays:
         As :func:`convert`.
     """
     if task.subject is not None:
-        arrays, details, _ = _read_subject(task, options)
-        arrays = Arrays(arrays.data, arrays.affine, None)
+        held, details, _ = _read_subject(task, options)
+        image = held.pop()
+        held = [Arrays(image.data, image.affine, None)]  # the first pass measures the channels only
+        del image
         where = details["where"]
     else:
-        _, arrays, details = _read(task.input_path, options, None, task.label_map)
+        _, held, details = _read(task.input_path, options, None, task.label_map)
         where = task.input_path
-    return _run_steps(where, options.steps[:index], arrays, details, task.label_map)
+    return _run_steps(where, options.steps[:index], held, details, task.label_map).pop()
 
 
 def _finite_float32(where: str, arr: np.ndarray, nan: str) -> tuple[np.ndarray, int]:
@@ -441,8 +448,10 @@ def _finite_float32(where: str, arr: np.ndarray, nan: str) -> tuple[np.ndarray, 
     return arr, bad
 
 
-def _run_steps(where: str, steps, arrays: Arrays, details: dict, label_map: bool = False) -> Arrays:
-    """Run ``steps`` in order on ``arrays``, recording each in ``details["applied"]``."""
+def _run_steps(where: str, steps, held: list, details: dict, label_map: bool = False) -> list:
+    """Run ``steps`` in order on the Arrays taken out of ``held`` (see :func:`_read`), recording
+    each in ``details["applied"]``; returns the result the same way."""
+    arrays = held.pop()
     for i, entry in enumerate(steps):
         step, p = entry.step, entry.options
         if label_map:
@@ -459,10 +468,10 @@ def _run_steps(where: str, steps, arrays: Arrays, details: dict, label_map: bool
         except ValueError as exc:
             raise InputError(where, f"steps[{i}].{step.name}: {exc}") from None
         details["applied"].append({"step": i, "name": step.name, **info})
-    return arrays
+    return [arrays]
 
 
-def _finish(output_path: str, options: Options, arrays: Arrays, details: dict, header, label_map: bool = False,
+def _finish(output_path: str, options: Options, held: list, details: dict, header, label_map: bool = False,
             channels: tuple[str, ...] | None = None) -> np.ndarray:
     """Lay out and write the steps' result; returns the array written.
 
@@ -470,6 +479,7 @@ def _finish(output_path: str, options: Options, arrays: Arrays, details: dict, h
     after the steps (so the dataset index needs no second read), and
     ``outputs`` (the files written, for the caller to take out).
     """
+    arrays = held.pop()
     arr, affine, label = arrays.data, arrays.affine, arrays.label
     del arrays
 
@@ -494,10 +504,10 @@ def _finish(output_path: str, options: Options, arrays: Arrays, details: dict, h
 
 def _preprocess_subject(task, options: Options) -> Conversion:
     """One subject (``task.subject``): its channels stacked on the C axis in order, and its label map."""
-    arrays, details, ref = _read_subject(task, options)
+    held, details, ref = _read_subject(task, options)
     where = details.pop("where")
-    arrays = _run_steps(where, options.steps, arrays, details)
-    out = _finish(task.output_path, options, arrays, details, ref[4], channels=tuple(details["channels"]))
+    held = _run_steps(where, options.steps, held, details)
+    out = _finish(task.output_path, options, held, details, ref[4], channels=tuple(details["channels"]))
     return Conversion(
         outputs=tuple(details.pop("outputs")),
         input_shape=tuple(int(s) for s in ref[2]) + (len(details["channels"]),),
@@ -512,7 +522,8 @@ def _preprocess_subject(task, options: Options) -> Conversion:
 
 def _read_subject(task, options: Options):
     """A subject's channels stacked on the C axis in order, and its label map, as the first step
-    gets them: ``(Arrays, details so far (with "where": the file errors name), the reference grid)``.
+    gets them: ``([Arrays], details so far (with "where": the file errors name), the reference grid)``,
+    the arrays in a one-item list as :func:`_read` gives them.
 
     Every channel and the label map must lie on the first channel's voxel grid
     (same shape, voxel positions within ``tolerance``): otherwise the task
@@ -572,7 +583,7 @@ def _read_subject(task, options: Options):
     details["before"] = _geometry(arr, ref[3])
     details["before"]["dtype"] = np.result_type(*dtypes).name
     details["where"] = where
-    return Arrays(arr, ref[3], label), details, ref
+    return [Arrays(arr, ref[3], label)], details, ref
 
 
 def _names(names) -> str:
