@@ -326,8 +326,9 @@ def bench_set(label: str, files: list[Path], work: Path, peer_python: str | None
         peak = f"{peaks[name] / 2**20:.0f}" if peaks[name] else "-"
         print(f"| {name} | {desc} | {med:.2f} | {n / med:.2f} | {med / ref:.2f}x | {peak} | {agree} |")
     if fastest_peer:
-        print(f"\nniconv jobs:2 against the fastest peer configuration: {fastest_peer / ref:.2f}x its throughput; "
-              f"niconv jobs:1 against the fastest one-thread peer: "
+        print(f"\nniconv jobs:2 against the fastest peer configuration: {fastest_peer / ref:.2f}x its throughput")
+    if one_thread_peer:
+        print(f"niconv jobs:1 against the fastest one-thread peer: "
               f"{one_thread_peer / statistics.median(times['niconv jobs:1']):.2f}x")
     print(f"jobs:2 against jobs:1: {statistics.median(times['niconv jobs:1']) / ref:.2f}x; outputs of every "
           f"niconv run identical: {len(digests['niconv jobs:2'] | digests['niconv jobs:1']) == 1}")
