@@ -128,13 +128,15 @@ def test_a_task_that_kills_its_worker_twice_fails_alone_and_the_rest_converts(co
 
 
 def test_workers_end_soon_after_their_run_is_killed(cohort, tmp_path, frozen_inputs):
-    """Each worker is inside an 11-second task when the run dies: it must not finish it."""
+    """Each worker is inside a 10-second task when the run dies: it must not finish it."""
     (tmp_path / "in").mkdir()
     for i in range(4):
         shutil.copy(cohort / MNI, tmp_path / "in" / f"mni_{i}.nii.gz")
     frozen_inputs(tmp_path / "in")
     cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 2\nconvert:\n  to: preprocess\n"
-                                 "  steps:\n    - resample: {spacing: [0.6, 0.6, 0.6], order: 3}\n")
+                                 "  steps:\n" + "    - resample: {spacing: [0.6, 0.6, 0.6], order: 3}\n"
+                                 "    - resample: {spacing: [1.0, 1.0, 1.0], order: 3}\n" * 6)
+    # twelve resamplings of a 1 mm head (one takes under 2 s since resampling is separable)
     proc = start_run(cfg)
     end = time.monotonic() + 120
     while len(workers_of(proc.pid)) < 2:
