@@ -67,7 +67,7 @@ def test_label_maps_are_identical_to_scipy_nearest_neighbour(name):
         assert set(np.unique(out)) <= set(np.unique(labels))
 
 
-def test_an_axis_already_at_its_size_is_not_interpolated():
+def test_resampling_one_axis_keeps_the_other_axes_voxel_values():
     # 2 mm columns along x only: y and z keep their voxels, so each output x-line at an input
     # voxel's x equals the input's line there to float32 rounding, at every y and z
     rng = np.random.default_rng(0)

@@ -680,7 +680,7 @@ def _sample(row: dict, task: Task, root: Path, splits: Splits) -> dict:
         "label_shape": label_shape, "label_dtype": label.get("dtype") if label else None,
         "label_values": label.get("values_after") if label else None,
         "channels": names, "spacing": after.get("spacing"), "affine": after.get("affine"),
-        "label_name": (label.get("channel") or label.get("name") or "label") if label else None,
+        "label_name": (label.get("channel") or "label") if label else None,
     }
 
 

@@ -298,11 +298,8 @@ def _nnunet(root: Path, rels: list[str], channels, label: str | None) -> Grouped
                 out.ignored.append((rel, f"channel {name!r} is not in convert.channels"))
             else:
                 _add(out, root, m["subject"], Member(name, rel))
-        elif (m := labels.fullmatch(rel)) is not None and label:
-            _add(out, root, m["subject"], Member(label, rel))
         else:
-            out.ignored.append((rel, "not a label map read (convert.labels is not set)" if labels.fullmatch(rel)
-                               else "not an image of imagesTr/<case>_<XXXX> or a label map of labelsTr/<case>"))
+            _label_or_ignored(out, root, rel, labels, label, "imagesTr/<case>_<XXXX>")
     return out
 
 
@@ -326,9 +323,17 @@ def _msd(root: Path, rels: list[str], channels, label: str | None) -> Grouped:
         if (m := images.fullmatch(rel)) is not None:
             for name in selected:
                 _add(out, root, m["subject"], Member(name, rel, index[name]))
-        elif (m := labels.fullmatch(rel)) is not None and label:
-            _add(out, root, m["subject"], Member(label, rel))
         else:
-            out.ignored.append((rel, "not a label map read (convert.labels is not set)" if labels.fullmatch(rel)
-                               else "not an image of imagesTr/<case> or a label map of labelsTr/<case>"))
+            _label_or_ignored(out, root, rel, labels, label, "imagesTr/<case>")
     return out
+
+
+def _label_or_ignored(out: Grouped, root: Path, rel: str, labels, label: str | None, images: str) -> None:
+    """A file of an nnunet or msd tree that is no channel image: its case's label map, or ignored
+    with the reason (``images`` names what the images look like)."""
+    if (m := labels.fullmatch(rel)) is not None and label:
+        _add(out, root, m["subject"], Member(label, rel))
+    elif m is not None:
+        out.ignored.append((rel, "not a label map read (convert.labels is not set)"))
+    else:
+        out.ignored.append((rel, f"not an image of {images} or a label map of labelsTr/<case>"))

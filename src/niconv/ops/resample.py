@@ -203,10 +203,11 @@ def resample(
     if order == 0:
         # nearest neighbour picks one input voxel per output voxel and axis: a gather, in the input dtype
         x = data
-        for axis in axes:
+        for i, axis in enumerate(axes):
             taps = _axis_weights(data.shape[axis], new_shape[axis], float(factors[axis]), 0)
-            x = np.take(x, taps.indices, axis=axis)  # order 0: exactly one weight (1.0) per row
-        np.copyto(output, x)
+            last = i == len(axes) - 1  # the last gather writes straight into the output
+            # order 0: exactly one weight (1.0) per row
+            x = np.take(x, taps.indices, axis=axis, out=output if last else None)
         return output, new_affine
 
     lo = hi = None
