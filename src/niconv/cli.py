@@ -165,25 +165,43 @@ def _damaged(count: int) -> str:
 
 def _load(args):
     """The config and its manifest: every check `plan` and `run` make before any work."""
+    config = _config(args)
+    return config, _manifest(config)
+
+
+def _config(args):
     from .config import load_config
+
+    return load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
+
+
+def _manifest(config, workers=None):
+    """The manifest of a loaded config (``workers`` may read DICOM headers)."""
     from .scan import build_manifest
 
-    config = load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
-    tasks = build_manifest(config)
+    tasks = build_manifest(config, workers)
     if config.convert.to == "preprocess":
         from .dataset import make_splits
 
         make_splits(config, tasks)  # a stratification CSV's problems, before any work
-    return config, tasks
+    return tasks
 
 
 def cmd_run(args) -> int:
-    from .runner import run
+    from .dispatch import head_start
 
-    config, tasks = _load(args)
-    s = run(config, tasks, jobs=args.jobs, force=args.force, retry_failed=args.retry_failed,
-            shard=args.shard, backend=args.backend, scheduler=args.scheduler, progress=not args.quiet,
-            verify=args.verify)
+    config = _config(args)
+    # the workers start now, so that their start-up overlaps the scan (which may use them)
+    workers = head_start(config, args.jobs, args.backend)
+    try:
+        from .runner import run
+
+        s = run(config, _manifest(config, workers), jobs=args.jobs, force=args.force,
+                retry_failed=args.retry_failed, shard=args.shard, backend=args.backend, scheduler=args.scheduler,
+                progress=not args.quiet, verify=args.verify, workers=workers)
+    finally:
+        if workers is not None:
+            workers.ready()  # a process that exits while its pool is starting leaves tracebacks behind
     parts = [f"{s.converted} converted", f"{s.already_done} already done", f"{s.skipped} skipped",
              f"{s.failed} failed"]
     if s.redone:

@@ -197,8 +197,34 @@ def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str,
     return values
 
 
+def read_headers(paths: list[str], keywords: tuple[str, ...], keep: bool = False) -> list[dict | NotDicom]:
+    """:func:`read_header` of each file, or the :class:`NotDicom` saying why it has none.
+
+    Without ``keep`` (in a worker process) the headers travel back without the
+    dataset as read, and :func:`complete_header` reads the file again (once per series).
+    """
+    headers = []
+    for path in paths:
+        try:
+            header = read_header(path, keywords)
+        except NotDicom as exc:
+            headers.append(exc)
+            continue
+        if not keep:
+            del header["_dataset"]
+            header["_again"] = (path, keywords)
+        headers.append(header)
+    return headers
+
+
 def complete_header(header: dict) -> dict:
     """A header of :func:`read_header` with every keyword it was asked for, not only those grouping needs."""
+    if "_again" in header:  # read by a worker process
+        try:
+            header = {**read_header(*header["_again"]), **header}
+        except NotDicom:  # changed since: the values grouping needs are known
+            return {k: v for k, v in header.items() if k != "_again"}
+        del header["_again"]
     if "_dataset" not in header:
         return header
     ds, tags = header["_dataset"]

@@ -17,6 +17,7 @@ import time
 from typing import Callable, Iterator
 
 from . import tracker, worker
+from .limits import cap_jobs
 from .log import TaskResult
 from .manifest import Task
 from .worker import convert_batch, convert_one
@@ -123,6 +124,19 @@ class Workers:
         self._thread.join()
         return set(self.pids)
 
+    def map(self, function: Callable, items: list) -> list:
+        """``[function(item) for item in items]`` run in the workers, in order, once they have started.
+
+        Raises
+        ------
+        Exception
+            Whatever ``function`` raises, or the pool's error when a worker dies.
+        """
+        from joblib import delayed
+
+        self.ready()
+        return processes(self.width)(delayed(function)(item) for item in items)
+
 
 def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
     """Start ``jobs`` local worker processes in the background, so their start-up
@@ -135,6 +149,18 @@ def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
     if backend != "loky" or jobs <= 1:
         return None
     return Workers(jobs)
+
+
+def head_start(config, jobs: int | None = None, backend: str | None = None) -> Workers | None:
+    """A run's local workers, started before its scan so that their start-up overlaps it (and the
+    scan may use them: :func:`niconv.scan.build_manifest`). None for one job or a Dask run.
+
+    ``jobs`` and ``backend`` are the command line's, over the config's; ``jobs``
+    is capped to the usable CPUs (:func:`niconv.limits.cap_jobs`).
+    """
+    if (backend or config.backend) != "loky":
+        return None
+    return start_workers(cap_jobs(jobs or config.n_jobs))
 
 
 def _worker_lost(exc: BaseException) -> bool:

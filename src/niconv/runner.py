@@ -219,10 +219,11 @@ def _backend(config: Config, backend: str, scheduler: str | None):
 
 
 @contextlib.contextmanager
-def _local_pool(groups: list[tuple[int, list[Task]]], jobs: int, backend: str):
-    """Local workers when there is work for them (else None), starting in the background
-    from here on; however the block ends, the pool has finished starting."""
-    workers = dispatch.start_workers(jobs, backend) if groups else None
+def _local_pool(groups: list[tuple[int, list[Task]]], jobs: int, backend: str, workers: dispatch.Workers | None):
+    """Local workers when there is work for them (else None): ``workers`` if started already, else
+    starting in the background from here on; however the block ends, the pool has finished starting."""
+    if workers is None and groups:
+        workers = dispatch.start_workers(jobs, backend)
     try:
         yield workers
     finally:
@@ -248,7 +249,8 @@ def _sigterm_as_interrupt():
 
 def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, force: bool = False,
         retry_failed: bool = False, shard: tuple[int, int] | None = None, backend: str | None = None,
-        scheduler: str | None = None, progress: bool = True, verify: bool = False) -> RunSummary:
+        scheduler: str | None = None, progress: bool = True, verify: bool = False,
+        workers: dispatch.Workers | None = None) -> RunSummary:
     """Convert the pending tasks of a manifest and log every result.
 
     Parameters
@@ -266,6 +268,9 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         tasks whose output is missing or differs (:func:`output_problem`).
     shard : (int, int), optional
         Run only shard ``I`` of ``N`` (balanced by input bytes); logs to its own file.
+    workers : Workers, optional
+        Local workers started already (:func:`niconv.dispatch.head_start`): their
+        count is the run's ``jobs``.
     backend, scheduler : str, optional
         ``loky`` (default) or ``dask``; a Dask scheduler address. Local worker
         processes start only when some pending tasks may run side by side, while
@@ -286,7 +291,9 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
     jobs = jobs or config.n_jobs
     backend = backend or config.backend
     scheduler = scheduler or config.scheduler
-    if backend == "loky" or not (scheduler or config.cluster.jobqueue):
+    if workers is not None:
+        jobs = workers.width
+    elif backend == "loky" or not (scheduler or config.cluster.jobqueue):
         jobs = cap_jobs(jobs)  # workers on this machine: no more than the CPUs it lets us use
     log_path = shard_log_path(config.log_path, shard)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
@@ -307,6 +314,8 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             remove_stale_temps(scope, read_roots)
 
         if dataset.needs_first_pass(config):
+            if workers is not None:
+                workers.ready()  # one dispatcher at a time
             # the conversion tasks carry the statistics, so their ids change with them
             runnable, statistics = _first_pass(config, tasks, splits, jobs, backend, scheduler, scope,
                                                remove_temps, shard, state)
@@ -316,7 +325,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
         todo = plan(runnable, logged.rows, force=force, retry_failed=retry_failed, shard=shard, verify=verify)
         groups = concurrency_groups(todo.pending, jobs, memory_budget(config))
         dispatched = last = time.monotonic()
-        with _local_pool(groups, jobs, backend) as workers:
+        with _local_pool(groups, jobs, backend, workers) as workers:
             bar = _progress(len(todo.pending), progress)
             log = None
             # from here on every failure ends in the summary and the run record, never a traceback

@@ -16,6 +16,7 @@ files it matches.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
@@ -43,8 +44,15 @@ def default_include(kind: str) -> list[str]:
     return [f"**/*{s}" for s in suffixes]
 
 
-def build_manifest(config: Config) -> tuple[Task, ...]:
+def build_manifest(config: Config, workers=None) -> tuple[Task, ...]:
     """Scan the input roots and build the ordered tasks of a run.
+
+    Parameters
+    ----------
+    config : Config
+    workers : niconv.dispatch.Workers, optional
+        A run's started workers (:func:`niconv.dispatch.head_start`): with many
+        files to look at, they read the DICOM headers.
 
     Returns
     -------
@@ -79,7 +87,7 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
         if not root.is_dir():
             raise ScanError("input.root", f"expected an existing folder, found {'a file' if root.exists() else 'nothing'} at {root}")
         found.extend((root, rel) for rel in _walk(root, scanned, out_root, maybe_dicom))
-    found, series = _dicom_series(config, found, scanned)
+    found, series = _dicom_series(config, found, scanned, workers)
 
     # a file that is another input's pair (its label map, its reference) is not an input itself
     paired: set[str] = set()
@@ -268,10 +276,12 @@ def _walk(root: Path, scanned, out_root: Path, maybe_dicom=None):
 
 
 # names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)
+# files to look at from which a scan reads DICOM headers in the run's workers
+PARALLEL_HEADERS = 512
 _NOT_DICOM = tuple(s for s in IMAGE_SUFFIXES + ARRAY_SUFFIXES if s != ".dcm") + (".img", ".rec", ".brik", ".brik.gz")
 
 
-def _dicom_series(config: Config, found: list[tuple[Path, str]], scanned) -> tuple[list, list]:
+def _dicom_series(config: Config, found: list[tuple[Path, str]], scanned, workers) -> tuple[list, list]:
     """Split the scanned paths into other inputs and DICOM series (:func:`niconv.dicom.group`).
 
     A file of a known non-DICOM type stays an input as it is; any other file is
@@ -281,25 +291,40 @@ def _dicom_series(config: Config, found: list[tuple[Path, str]], scanned) -> tup
     """
     identifying = config.dicom.metadata == "identifying"
     keywords = dicom.needed_keywords(config.output.name, identifying)
-    rest, headers = [], []
+    rest, candidates = [], []
     for root, rel in found:
         if rel.lower().endswith(_NOT_DICOM):
             if scanned(rel):
                 rest.append((root, rel))
             continue
-        path = root / rel
-        if not path.is_file():
+        if not (root / rel).is_file():
             if scanned(rel):
                 rest.append((root, rel))
             continue
-        try:
-            headers.append((root, rel, dicom.read_header(path, keywords)))
-        except dicom.NotDicom as exc:
-            if rel.lower().endswith(".dcm") or str(exc).startswith("a DICOM file"):
-                headers.append((root, rel, exc))
-            elif scanned(rel):
-                rest.append((root, rel))
+        candidates.append((root, rel))
+    headers = []
+    for (root, rel), header in zip(candidates, _read_headers([str(r / rel) for r, rel in candidates], keywords, workers)):
+        if not isinstance(header, dicom.NotDicom):
+            headers.append((root, rel, header))
+        elif rel.lower().endswith(".dcm") or str(header).startswith("a DICOM file"):
+            headers.append((root, rel, header))
+        elif scanned(rel):
+            rest.append((root, rel))
     return rest, dicom.group(headers, identifying)
+
+
+def _read_headers(paths: list[str], keywords: tuple[str, ...], workers) -> list:
+    """The header of each file, or why it is not DICOM: in the workers when there are enough files
+    that their round trips pay (a header takes about half a millisecond), else here."""
+    if workers is not None and len(paths) >= PARALLEL_HEADERS:
+        size = max(64, len(paths) // (4 * workers.width))  # a few chunks per worker: none idles at the end
+        chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+        try:
+            return [h for part in workers.map(functools.partial(dicom.read_headers, keywords=keywords), chunks)
+                    for h in part]
+        except Exception:  # noqa: BLE001 - a worker died or could not start: read them here instead
+            pass
+    return dicom.read_headers(paths, keywords, keep=True)
 
 
 def _series_task(config: Config, conv, found) -> Task:
