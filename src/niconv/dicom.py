@@ -562,7 +562,7 @@ def run_engine(series: Series, folder: str, where: str) -> Engined:
     """Convert one series with dcm2niix into ``folder`` (a temporary folder).
 
     The series' files are linked into ``folder/in`` (so dcm2niix sees exactly
-    this series, wherever its files are) and converted into ``folder/out``:
+    this series, wherever its files are) and converted into ``folder`` itself:
     uncompressed NIfTI (niconv compresses), the BIDS sidecar anonymised as
     dcm2niix does by default, no defaults file of the user.
 
@@ -585,9 +585,9 @@ def run_engine(series: Series, folder: str, where: str) -> Engined:
         dcm2niix's own words, with the files named by their real paths), or
         writes no image.
     """
-    src, out = Path(folder) / "in", Path(folder) / "out"
+    # no folder of its own for the output: on some file systems a folder costs milliseconds
+    src, out = Path(folder) / "in", Path(folder)
     src.mkdir()
-    out.mkdir()
     links = {}
     for i, f in enumerate(series.files):
         link = src / f"{i:06d}.dcm"
