@@ -30,6 +30,7 @@ Example
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -76,34 +77,49 @@ def run_loop(tree: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_niconv(config: Path, jobs: int) -> float:
+# per niconv method: (seconds before the conversion phase, conversion phase) of each run, from its run record
+PHASES: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+
+
+def run_niconv(config: Path, jobs: int, out: Path) -> float:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "niconv", "run", str(config), "--jobs", str(jobs), "--quiet"],
                           capture_output=True, text=True)
     took = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"niconv failed: {proc.stdout}{proc.stderr}")
+    record = json.loads((out / "niconv_log.run.json").read_text())
+    PHASES[jobs].append((took - record["conversion_seconds"], record["conversion_seconds"]))
     return took
 
 
-def scan_rate(config: Path, files: int, repeat: int) -> tuple[float, float]:
-    """Median files/s of niconv's scan, and of dcm2niix's own search (-q l) of the tree."""
+def scan_rate(config: Path, files: int, repeat: int) -> tuple[float, float, float]:
+    """Median files/s of niconv's scan in this process, and with 2 started workers reading the
+    headers, and of dcm2niix's own search (-q l) of the tree."""
     import dcm2niix
 
     from niconv.config import load_config
+    from niconv.dispatch import start_workers
+    from niconv import scan
     from niconv.scan import build_manifest
 
     cfg = load_config(config)
-    ours, theirs = [], []
+    scan.PARALLEL_HEADERS = 0  # the workers read the headers of any tree (by default, of 4,096 files or more)
+    workers = start_workers(2)
+    workers.ready()
+    ours, parallel, theirs = [], [], []
     for _ in range(repeat):
         start = time.perf_counter()
-        tasks = build_manifest(cfg)
+        tasks = build_manifest(cfg, None)
         ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert build_manifest(cfg, workers) == tasks
+        parallel.append(time.perf_counter() - start)
         start = time.perf_counter()
         subprocess.run([dcm2niix.bin, "-q", "l", "-d", "9", str(cfg.input.root[0])], capture_output=True)
         theirs.append(time.perf_counter() - start)
     assert len(tasks) > 0
-    return files / statistics.median(ours), files / statistics.median(theirs)
+    return tuple(files / statistics.median(t) for t in (ours, parallel, theirs))
 
 
 def main() -> None:
@@ -127,8 +143,8 @@ def main() -> None:
         configs[jobs].write_text(f"input: {{root: {tree}}}\noutput: {{root: {work / f'out{jobs}'}}}\n"
                                  "convert: {to: nifti}\n")
     methods = {"loop": lambda: run_loop(tree, work / "out_loop"),
-               "niconv-1": lambda: run_niconv(configs[1], 1),
-               "niconv-2": lambda: run_niconv(configs[2], 2)}
+               "niconv-1": lambda: run_niconv(configs[1], 1, work / "out1"),
+               "niconv-2": lambda: run_niconv(configs[2], 2, work / "out2")}
     outs = {"loop": work / "out_loop", "niconv-1": work / "out1", "niconv-2": work / "out2"}
     times = {m: [] for m in methods}
     order = list(methods)
@@ -138,7 +154,7 @@ def main() -> None:
             time.sleep(1)
             times[m].append(methods[m]())
         print(f"round {r + 1}: " + ", ".join(f"{m} {times[m][-1]:.2f} s" for m in methods), flush=True)
-    ours, theirs = scan_rate(configs[1], files, max(3, args.repeat))
+    ours, parallel, theirs = scan_rate(configs[1], files, max(3, args.repeat))
     loop = statistics.median(times["loop"])
     print()
     print("| method | median s | series/s | files/s | throughput vs loop | output .nii.gz MB |")
@@ -147,8 +163,15 @@ def main() -> None:
         t = statistics.median(times[m])
         size = sum(f.stat().st_size for f in outs[m].rglob("*.nii.gz")) / 1e6
         print(f"| {m} | {t:.2f} | {args.series / t:.1f} | {files / t:.0f} | {loop / t:.2f}x | {size:.1f} |")
-    print(f"\nscan (niconv.scan.build_manifest: headers read, grouped, tasks made): {ours:.0f} files/s; "
-          f"dcm2niix's own search (-q l, no grouping): {theirs:.0f} files/s")
+    for jobs in (1, 2):
+        before = statistics.median(b for b, _ in PHASES[jobs])
+        conversion = statistics.median(c for _, c in PHASES[jobs])
+        print(f"\nniconv-{jobs}: {before:.2f} s outside the conversion phase (start-up, scan, plan, "
+              f"closing), {conversion:.2f} s converting (run record), medians", end="")
+    print()
+    print(f"\nscan (niconv.scan.build_manifest: headers read, grouped, tasks made): {ours:.0f} files/s in one "
+          f"process, {parallel:.0f} files/s with 2 started workers reading the headers; dcm2niix's own search (-q l, no "
+          f"grouping): {theirs:.0f} files/s")
 
 
 if __name__ == "__main__":

@@ -276,8 +276,9 @@ def _walk(root: Path, scanned, out_root: Path, maybe_dicom=None):
 
 
 # names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)
-# files to look at from which a scan reads DICOM headers in the run's workers
-PARALLEL_HEADERS = 512
+# files to look at from which a scan reads DICOM headers in the run's workers: below it, reading
+# them here is as fast as waiting for the workers (about 0.4 s to start, 0.3 s to import pydicom)
+PARALLEL_HEADERS = 4096
 _NOT_DICOM = tuple(s for s in IMAGE_SUFFIXES + ARRAY_SUFFIXES if s != ".dcm") + (".img", ".rec", ".brik", ".brik.gz")
 
 
