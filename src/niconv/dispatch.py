@@ -95,8 +95,9 @@ def processes(width: int, **kwargs):
 class Workers:
     """Worker processes started in the background (:func:`start_workers`)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, converter: str | None = None):
         self.width = width
+        self.converter = converter
         self.pids: set[int] = set()
         self._thread = threading.Thread(target=self._start, name="niconv-start-workers", daemon=True)
         self._thread.start()
@@ -109,7 +110,8 @@ class Workers:
         deadline = time.monotonic() + WORKER_START_SECONDS
         try:
             while len(self.pids) < self.width and time.monotonic() < deadline:
-                self.pids.update(processes(self.width)(delayed(worker.pid_after_start)() for _ in range(self.width)))
+                self.pids.update(processes(self.width)(delayed(worker.pid_after_start)(self.converter)
+                                                       for _ in range(self.width)))
         except Exception:  # noqa: BLE001 - only a head start; the run starts workers itself
             pass
 
@@ -138,17 +140,18 @@ class Workers:
         return processes(self.width)(delayed(function)(item) for item in items)
 
 
-def start_workers(jobs: int, backend: str = "loky") -> Workers | None:
+def start_workers(jobs: int, backend: str = "loky", converter: str | None = None) -> Workers | None:
     """Start ``jobs`` local worker processes in the background, so their start-up
-    (a fresh interpreter importing numpy, nibabel and niconv: about half a second)
-    overlaps the run's own preparation. None when the run needs no local processes.
+    (a fresh interpreter importing numpy, nibabel and niconv, and ``converter``'s
+    modules if given: about half a second) overlaps the run's own preparation.
+    None when the run needs no local processes.
 
     Whoever starts them waits for :meth:`Workers.ready` before the process exits:
     an interpreter that exits while loky is still starting its pool leaves workers
     that print tracebacks and warnings."""
     if backend != "loky" or jobs <= 1:
         return None
-    return Workers(jobs)
+    return Workers(jobs, converter)
 
 
 def head_start(config, jobs: int | None = None, backend: str | None = None) -> Workers | None:
@@ -160,7 +163,7 @@ def head_start(config, jobs: int | None = None, backend: str | None = None) -> W
     """
     if (backend or config.backend) != "loky":
         return None
-    return start_workers(cap_jobs(jobs or config.n_jobs))
+    return start_workers(cap_jobs(jobs or config.n_jobs), converter=config.convert.to)
 
 
 def _worker_lost(exc: BaseException) -> bool:

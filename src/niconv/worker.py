@@ -129,9 +129,13 @@ def started(parent: int) -> None:
     threading.Thread(target=watch, name="niconv-parent-watch", daemon=True).start()
 
 
-def pid_after_start() -> int:
+def pid_after_start(converter: str | None = None) -> int:
     """A started worker's process id, after a moment, so that one worker cannot answer
-    every ping of :class:`niconv.runner.Workers` while another is still starting."""
+    every ping of :class:`niconv.dispatch.Workers` while another is still starting; with
+    ``converter``, once its modules (and the image libraries) are imported, while the run
+    still scans, rather than in its first task."""
+    if converter is not None:
+        converters.get(converter)
     time.sleep(0.01)
     return os.getpid()
 
