@@ -7,6 +7,7 @@ their worker pool and their default memory budget from what is left here.
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -34,9 +35,15 @@ def cap_jobs(jobs: int) -> int:
     cpus = usable_cpus()
     if jobs <= cpus:
         return jobs
+    _note_cap(jobs, cpus)
+    return cpus
+
+
+@functools.lru_cache(maxsize=None)
+def _note_cap(jobs: int, cpus: int) -> None:
+    """Once per process: a run caps its jobs before its scan (for its workers' head start) and as it runs."""
     print(f"niconv: jobs: {jobs} asked, but this process may use {cpus} CPU(s); running {cpus} worker(s)",
           file=sys.stderr)
-    return cpus
 
 
 def available_memory() -> int:
