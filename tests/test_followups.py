@@ -22,7 +22,8 @@ from test_subjects import _brats  # the BraTS-style tree of a real volume those 
 
 # eight subjects whose hash positions, with seed 0, leave val empty for val: 0.2, test: 0.1
 SUBJECTS = tuple(f"BraTS2021_{i:05d}" for i in range(8))
-WHY = "subjects go to splits by a hash of the seed and their name, which only approximates the fractions in a small cohort"
+WHY = ("subjects go to splits by a hash of the seed and their name, which meets the fractions only roughly when "
+       "they ask for few subjects")
 VAL_EMPTY = ("niconv: warning: dataset.split: the val split is empty: none of the 8 subjects went to it (val: 0.2, "
              f"asks for about 1.6 of them); {WHY}: dataset.split.seed: 21 fills every split (train 6, val 1, test 1; "
              "other subjects move too)")

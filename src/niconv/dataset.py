@@ -9,6 +9,9 @@ split on every rerun, on every machine, and when subjects are added. With
 ``stratify``, the subjects of each stratum (a column of a user's CSV) are ranked
 by that hash and the fractions are met within each stratum; a subject then keeps
 its split unless subjects are added to its stratum. ``splits.json`` lists them.
+A small cohort can leave a split or a fold empty; subjects are not moved to fill
+it (that would break the stability), ``plan`` and ``run`` warn instead
+(:meth:`Splits.warnings`, kept in the run record's ``warnings``).
 
 Cohort statistics
 -----------------
@@ -277,7 +280,7 @@ class Splits:
         the fractions). The assignment is not changed for it (subjects keep their
         splits), so each line names the split, the number of subjects (samples,
         ``by: sample``) and the fraction asked for, and a remedy: of the next
-        :data:`SEED_SEARCH` seeds, the one that leaves nothing empty and comes
+        :data:`SEED_SEARCH` seeds (fewer in a large cohort), the one that leaves nothing empty and comes
         nearest the fractions, when one does.
 
         Returns
@@ -313,8 +316,10 @@ class Splits:
         return lines
 
 
-#: Seeds after the configured one tried for one that leaves no split empty (:meth:`Splits.warnings`).
+#: Seeds after the configured one tried for one that leaves no split empty (:meth:`Splits.warnings`), fewer
+#: in a large cohort so that the search hashes at most SEED_SEARCH_KEYS keys (about 0.2 s).
 SEED_SEARCH = 100
+SEED_SEARCH_KEYS = 20_000
 
 
 def _split_sizes(assigned: dict, o: SplitOptions) -> dict:
@@ -340,15 +345,15 @@ def _remedy(keys: list[str], o: SplitOptions, unit: str) -> str:
         what = ("folds" if not o.test else "splits and folds") if o.folds else "splits"
         return f"{n} {unit} cannot fill {needed} {what}: ask for fewer"
     best = None
-    for seed in range(o.seed + 1, o.seed + 1 + SEED_SEARCH):
+    for seed in range(o.seed + 1, o.seed + 1 + min(SEED_SEARCH, max(1, SEED_SEARCH_KEYS // n))):
         sizes = _split_sizes(assign_splits(keys, val=o.val, test=o.test, folds=o.folds, seed=seed), o)
         if all(sizes.values()):
             expected = {k: n * (share[k] if isinstance(k, str) else (1 - o.test) / o.folds) for k in sizes}
             off = sum(abs(count - expected[k]) for k, count in sizes.items())
             if best is None or off < best[0]:
                 best = (off, seed, sizes)
-    why = f"{unit} go to splits by a hash of the seed and their name, which only approximates the fractions " \
-          f"in a small cohort"
+    why = f"{unit} go to splits by a hash of the seed and their name, which meets the fractions only roughly " \
+          f"when they ask for few {unit}"
     if best is None:
         return f"{why}: try another dataset.split.seed, or ask for a larger fraction"
     _, seed, sizes = best
