@@ -396,8 +396,8 @@ def test_a_glob_matching_two_references_is_refused_naming_them(mixed_references,
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         refs = tmp_path / "refs"
         assert (f"convert.reference: a pairing pattern must find one reference per input; for 1 input(s) a glob "
-                f"matches more than one file: {tmp_path / 'in' / 'a.npy'}: '{{stem}}.*' matches "
-                f"{refs / 'a.nii'}, {refs / 'a.nii.gz'}; make the pattern narrower") in proc.stderr
+                f"matches more than one file: {tmp_path / 'in' / 'a.npy'}: the pattern '{{stem}}.*' should match "
+                f"one file, found 2: {refs / 'a.nii'}, {refs / 'a.nii.gz'}; make the pattern narrower") in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -174,7 +174,7 @@ def test_plan_lists_tasks_and_converts_nothing(cohort, tmp_path):
         "fs_brainmask.npz", "nib_minc1_1_scale.npz", "nib_small.npz"]
     assert not (tmp_path / "out").exists()
     proc = niconv("plan", cfg, "--csv")
-    assert proc.stdout.splitlines()[0] == "task_id,state,converter,input_path,output_path,bytes_in"
+    assert proc.stdout.splitlines()[0] == "task_id,state,converter,input_path,output_path,bytes_in,subject"
 
 
 def test_started_workers_are_the_ones_that_convert(cohort, tmp_path):

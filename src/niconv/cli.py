@@ -163,10 +163,11 @@ def _damaged(count: int) -> str:
     return f"{count} damaged log line(s) skipped"
 
 
-def _load(args):
-    """The config and its manifest: every check `plan` and `run` make before any work."""
+def _load(args, warn: bool = False):
+    """The config and its manifest: every check `plan` and `run` make before any work (``warn``: see
+    :func:`_manifest`)."""
     config = _config(args)
-    return config, _manifest(config)
+    return config, _manifest(config, warn=warn)
 
 
 def _config(args):
@@ -175,15 +176,18 @@ def _config(args):
     return load_config(args.config, overrides={"jobs": getattr(args, "jobs", None)})
 
 
-def _manifest(config, workers=None):
-    """The manifest of a loaded config (``workers`` may read DICOM headers)."""
+def _manifest(config, workers=None, warn: bool = False):
+    """The manifest of a loaded config (``workers`` may read DICOM headers); with ``warn``, what a
+    user should know before any work (an empty split) on stderr."""
     from .scan import build_manifest
 
     tasks = build_manifest(config, workers)
     if config.convert.to == "preprocess":
         from .dataset import make_splits
 
-        make_splits(config, tasks)  # a stratification CSV's problems, before any work
+        splits = make_splits(config, tasks)  # a stratification CSV's problems, before any work
+        for line in splits.warnings() if warn else ():
+            print(f"niconv: warning: {line}", file=sys.stderr)
     return tasks
 
 
@@ -196,7 +200,7 @@ def cmd_run(args) -> int:
     try:
         from .runner import run
 
-        s = run(config, _manifest(config, workers), jobs=args.jobs, force=args.force,
+        s = run(config, _manifest(config, workers, warn=True), jobs=args.jobs, force=args.force,
                 retry_failed=args.retry_failed, shard=args.shard, backend=args.backend, scheduler=args.scheduler,
                 progress=not args.quiet, verify=args.verify, workers=workers)
     finally:
@@ -232,7 +236,7 @@ def cmd_plan(args) -> int:
     from .runner import plan
     from .volume import skip_reason
 
-    config, tasks = _load(args)
+    config, tasks = _load(args, warn=True)
     logged = read_log(shard_log_path(config.log_path, args.shard))
     p = plan(tasks, logged.rows, shard=args.shard)
     latest = latest_by_task(logged.rows)
@@ -250,10 +254,12 @@ def cmd_plan(args) -> int:
     shown = [t for t in tasks if t.task_id in state]
     if args.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["task_id", "state", "converter", "input_path", "output_path", "bytes_in"])
+        # subject last, so the columns before it keep their places
+        w.writerow(["task_id", "state", "converter", "input_path", "output_path", "bytes_in", "subject"])
         for t in shown:
             out = "" if t.task_id in why else t.output_path  # a skipped input writes nothing
-            w.writerow([t.task_id, state[t.task_id], t.converter, t.input_path, out, t.bytes_in])
+            subject = t.subject.name if t.subject is not None else ""
+            w.writerow([t.task_id, state[t.task_id], t.converter, t.input_path, out, t.bytes_in, subject])
     else:
         for t in shown:
             target = f"({why[t.task_id]})" if t.task_id in why else f"-> {t.output_path}"

@@ -9,6 +9,9 @@ split on every rerun, on every machine, and when subjects are added. With
 ``stratify``, the subjects of each stratum (a column of a user's CSV) are ranked
 by that hash and the fractions are met within each stratum; a subject then keeps
 its split unless subjects are added to its stratum. ``splits.json`` lists them.
+A small cohort can leave a split or a fold empty; subjects are not moved to fill
+it (that would break the stability), ``plan`` and ``run`` warn instead
+(:meth:`Splits.warnings`, kept in the run record's ``warnings``).
 
 Cohort statistics
 -----------------
@@ -269,6 +272,95 @@ class Splits:
         if o is None:
             return None
         return {"file": SPLITS_FILE, "by": o.by, "seed": o.seed, "val": o.val, "test": o.test, "folds": o.folds}
+
+    def warnings(self) -> list[str]:
+        """What a user must know before training on this split: each asked-for split, and the folds, left empty.
+
+        A small cohort can leave a split empty (hash positions only approximate
+        the fractions). The assignment is not changed for it (subjects keep their
+        splits), so each line names the split, the number of subjects (samples,
+        ``by: sample``) and the fraction asked for, and a remedy: of the next
+        :data:`SEED_SEARCH` seeds (fewer in a large cohort), the one that leaves nothing empty and comes
+        nearest the fractions, when one does.
+
+        Returns
+        -------
+        list of str
+            One line per empty split, one for all empty folds; empty when
+            nothing is empty (or without ``dataset.split``).
+        """
+        o = self.options
+        if o is None or not self.assigned:
+            return []
+        sizes = _split_sizes(self.assigned, o)
+        empty = [k for k, count in sizes.items() if not count]
+        if not empty:
+            return []
+        n, unit = len(self.assigned), "samples" if o.by == "sample" else "subjects"
+        remedy = _remedy(sorted(self.assigned), o, unit)
+        lines = []
+        asked = {"train": ("what val and test leave,", 1 - (o.val or 0.0) - o.test), "val": ("val:", o.val),
+                 "test": ("test:", o.test)}
+        for name in (k for k in empty if isinstance(k, str)):
+            what, fraction = asked[name]
+            lines.append(f"dataset.split: the {name} split is empty: none of the {n} {unit} went to it "
+                         f"({what} {fraction:g}, asks for about {fraction * n:.1f} of them); {remedy}")
+        folds = [k for k in empty if isinstance(k, int)]
+        if folds:
+            rest = sum(count for k, count in sizes.items() if isinstance(k, int))
+            which = (f"fold {folds[0]} of {o.folds} is" if len(folds) == 1 else
+                     f"folds {', '.join(map(str, folds[:-1]))} and {folds[-1]} of {o.folds} are")
+            lines.append(f"dataset.split: {which} empty: none of the {rest} non-test {unit} went to "
+                         f"{'it' if len(folds) == 1 else 'them'} (folds: {o.folds} asks for about "
+                         f"{rest / o.folds:.1f} in each); {remedy}")
+        return lines
+
+
+#: Seeds after the configured one tried for one that leaves no split empty (:meth:`Splits.warnings`), fewer
+#: in a large cohort so that the search hashes at most SEED_SEARCH_KEYS keys (about 0.2 s).
+SEED_SEARCH = 100
+SEED_SEARCH_KEYS = 20_000
+
+
+def _split_sizes(assigned: dict, o: SplitOptions) -> dict:
+    """Keys in each asked-for split: ``train`` (without folds), ``val``, ``test`` by name, each fold by number."""
+    sizes = {name: 0 for name, wanted in (("train", not o.folds), ("val", o.val), ("test", o.test)) if wanted}
+    sizes.update({k: 0 for k in range(o.folds or 0)})
+    for split, fold in assigned.values():
+        key = split if fold is None else fold
+        if key in sizes:
+            sizes[key] += 1
+    return sizes
+
+
+def _remedy(keys: list[str], o: SplitOptions, unit: str) -> str:
+    """How to fill every split: a seed that does (the one nearest the fractions), or why no seed can."""
+    if o.stratify is not None:  # ranks within a stratum do not depend on the seed
+        return ("with stratify the fractions are met within each stratum, and strata this small leave it empty "
+                "whatever the seed: stratify by a coarser column, or ask for a larger fraction")
+    n = len(keys)
+    share = {"train": 1 - (o.val or 0.0) - o.test, "val": o.val, "test": o.test}
+    needed = len(_split_sizes({}, o))
+    if n < needed:
+        what = ("folds" if not o.test else "splits and folds") if o.folds else "splits"
+        return f"{n} {unit} cannot fill {needed} {what}: ask for fewer"
+    best = None
+    for seed in range(o.seed + 1, o.seed + 1 + min(SEED_SEARCH, max(1, SEED_SEARCH_KEYS // n))):
+        sizes = _split_sizes(assign_splits(keys, val=o.val, test=o.test, folds=o.folds, seed=seed), o)
+        if all(sizes.values()):
+            expected = {k: n * (share[k] if isinstance(k, str) else (1 - o.test) / o.folds) for k in sizes}
+            off = sum(abs(count - expected[k]) for k, count in sizes.items())
+            if best is None or off < best[0]:
+                best = (off, seed, sizes)
+    why = f"{unit} go to splits by a hash of the seed and their name, which meets the fractions only roughly " \
+          f"when they ask for few {unit}"
+    if best is None:
+        return f"{why}: try another dataset.split.seed, or ask for a larger fraction"
+    _, seed, sizes = best
+    folds = [str(count) for k, count in sizes.items() if isinstance(k, int)]
+    shown = ([f"folds of {', '.join(folds)}"] if folds else []) + [
+        f"{k} {count}" for k, count in sizes.items() if isinstance(k, str)]
+    return f"{why}: dataset.split.seed: {seed} fills every split ({', '.join(shown)}; other {unit} move too)"
 
 
 def make_splits(config, tasks: tuple[Task, ...]) -> Splits:

@@ -370,6 +370,7 @@ def run(config: Config, tasks: tuple[Task, ...], *, jobs: int | None = None, for
             log_damaged_lines=logged.damaged_lines, redone=len(todo.redone))
         record = _record(config, tasks, summary, started, jobs, backend, shard)
         record["statistics"] = statistics.as_json() if statistics is not None else None
+        record["warnings"] = splits.warnings() if splits is not None else []
         if not state.attempt(lambda: write_run_record(run_record_path(log_path), record), "writing the run record"):
             summary = dataclasses.replace(summary, error=state.error)
     return summary

@@ -393,8 +393,11 @@ def _option_key(options, pattern, role: str) -> str:
     return next((name for name, value in options if value == pattern), role)
 
 
-class AmbiguousPair(Exception):
-    """A glob pairing pattern matched several files for one input (the message names them)."""
+class AmbiguousPair(ScanError):
+    """A glob pairing pattern matched several files for one input.
+
+    ``where`` is the input; the message names the pattern and every file it matched.
+    """
 
 
 def find_pair(root: Path, rel: str, spec) -> str | None:
@@ -403,7 +406,12 @@ def find_pair(root: Path, rel: str, spec) -> str | None:
     Each pattern is tried in the input's folder (with a pairing root: the
     mirrored folder, then the root itself). A literal pattern names one file; a
     glob (``{stem}.*``) may match only one file there, never the input itself
-    nor a temporary file, or :class:`AmbiguousPair` is raised.
+    nor a temporary file.
+
+    Raises
+    ------
+    AmbiguousPair
+        If a glob matches more than one file in a folder.
     """
     pattern, pair_root = spec
     relp = PurePosixPath(rel)
@@ -423,7 +431,8 @@ def find_pair(root: Path, rel: str, spec) -> str | None:
                           if not PurePosixPath(m).name.startswith(TEMP_PREFIX)
                           and os.path.isfile(folder / m) and os.path.realpath(folder / m) != me)
             if len(hits) > 1:
-                raise AmbiguousPair(f"{root / rel}: {p!r} matches {', '.join(hits)}")
+                raise AmbiguousPair(str(root / rel), f"the pattern {p!r} should match one file, found "
+                                                     f"{len(hits)}: {', '.join(hits)}")
             if hits:
                 return hits[0]
     return None
