@@ -209,3 +209,23 @@ def test_report_still_leaves_an_ambiguous_qc_label_map_out(two_label_maps, froze
     report = niconv("report", tmp_path / "out" / "niconv_log.csv", "--no-thumbnails")
     assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr
     assert report.stdout.startswith("niconv: report of 2 task(s) (2 ok)"), report.stdout
+
+
+def test_a_relative_qc_labels_root_is_the_config_folders_wherever_the_report_runs(cohort, tmp_path,
+                                                                                  frozen_inputs):
+    (tmp_path / "study" / "in").mkdir(parents=True)
+    (tmp_path / "study" / "masks").mkdir()
+    shutil.copy(cohort / "sct_t2s.nii.gz", tmp_path / "study" / "in" / "scan.nii.gz")
+    shutil.copy(cohort / "sct_t2s.nii.gz", tmp_path / "study" / "masks" / "scan_seg.nii.gz")
+    frozen_inputs(tmp_path / "study" / "in")
+    frozen_inputs(tmp_path / "study" / "masks")
+    cfg = write_config(tmp_path / "study", "input: {root: in}\noutput: {root: ../out}\nconvert: {to: numpy}\n"
+                                           "jobs: 1\nqc: {labels: '{stem}_seg.nii.gz', labels_root: masks}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = niconv("run", cfg, "--quiet", cwd=elsewhere)
+    assert run.returncode == 0, run.stderr
+    record = json.loads((tmp_path / "out" / "niconv_log.run.json").read_text())
+    assert record["config"]["qc"]["labels_root"] == str(tmp_path / "study" / "masks")
+    entries = gather_from_log(tmp_path / "out" / "niconv_log.csv")[0]
+    assert [e.label_path for e in entries] == [str(tmp_path / "study" / "masks" / "scan_seg.nii.gz")]

@@ -18,13 +18,15 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from .text import fmt_dtype
+from .paths import resolve_path
 from .schema import ConfigModel
+from .text import fmt_dtype
 
 #: Bump when :func:`measure` changes what it records, so cached figures are measured again.
 FIGURES_VERSION = 1
@@ -43,10 +45,13 @@ class QcOptions(ConfigModel):
     run: bool = Field(False, description="measure each volume in the workers during run (figures into details)")
     labels: Optional[Union[str, tuple[str, ...]]] = Field(
         None, description="pattern of each image's label map, e.g. '{stem}_seg.nii.gz' (default: convert.labels)")
-    labels_root: Optional[str] = Field(None, description="folder the label pattern is looked up in")
+    labels_root: Optional[Path] = Field(None, description="folder the label pattern is looked up in (relative: "
+                                                          "to the config file's folder)")
     label_values: Optional[tuple[float, ...]] = Field(None, description="the values a label map may hold")
     outlier_k: float = Field(5.0, gt=0, description="spacing/shape outliers: outside median +- k * MAD")
     oblique_degrees: float = Field(5.0, ge=0, description="oblique flag: voxel axes this far from world axes")
+
+    _labels_root = field_validator("labels_root", mode="before")(resolve_path)
 
     @field_validator("labels")
     @classmethod
