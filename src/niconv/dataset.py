@@ -619,7 +619,9 @@ def _write_own(path: Path, record: dict, problem: Callable[[Path], str | None], 
     found = problem(path)
     if found:
         raise OutputError(str(path), f"{what} exists and {found}; niconv writes only files it made: move that file")
-    data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
+    # a name byte that is not UTF-8 (a lone surrogate, os.fsdecode) becomes the JSON escape \udcXX: the
+    # file stays UTF-8 that every JSON reader takes, and json.loads gives back the same path
+    data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
     with atomic_output(path) as tmp:
         Path(tmp).write_bytes(data)
 

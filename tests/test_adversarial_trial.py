@@ -1,0 +1,90 @@
+"""An adversarial trial: niconv run as a hostile but realistic user runs it, on real data.
+
+Each test reproduces one problem the trial found (a rerun refused, a failure blamed on the
+wrong party, ...) and asserts the outcome a user can rely on. Inputs are copies of the shared
+cohort's files in tmp_path; faults are real (a full tmpfs, real file names of other encodings).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import data_file, niconv, real_image, rows_of, write_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+LATIN1 = b"t\xe9st"  # "tést" as an older system wrote it: not valid UTF-8
+
+
+def _config(folder: Path, to: str, extra: str = "", jobs: int = 1) -> Path:
+    return write_config(folder, f"input: {{root: in}}\noutput: {{root: out}}\njobs: {jobs}\n{extra}convert: {{to: {to}}}\n")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small real tmpfs at ``tmp_path / 'out'``; unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / "out"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# ---------------------------------------------------------------- a Latin-1 name in a training set
+
+
+def test_a_latin1_file_name_leaves_a_readable_index_and_reruns_go_on(tmp_path, frozen_inputs):
+    from niconv.datasets import read_index
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copyfile(real_image("sct_t2s.nii.gz"), os.path.join(os.fsencode(inp), LATIN1 + b".nii.gz"))
+    shutil.copyfile(real_image("nib_anatomical.nii"), inp / "anat.nii")
+    frozen_inputs(inp)
+    cfg = _config(tmp_path, "preprocess", extra="dataset: {split: {val: 0.5, seed: 0}}\n")
+    first = niconv("run", cfg, "--quiet")
+    assert first.returncode == 0, first.stderr
+    index_bytes = (tmp_path / "out" / "dataset.json").read_bytes()
+    index_bytes.decode("utf-8")  # valid UTF-8, as JSON must be
+    (tmp_path / "out" / "splits.json").read_bytes().decode("utf-8")
+    second = niconv("run", cfg, "--quiet")
+    assert second.returncode == 0, second.stderr
+    assert "0 converted, 2 already done" in second.stdout
+    assert (tmp_path / "out" / "dataset.json").read_bytes() == index_bytes
+    index = read_index(tmp_path / "out")
+    name = os.fsdecode(LATIN1)
+    (sample,) = [s for s in index.samples if s.subject == name]
+    assert os.path.exists(os.path.join(tmp_path / "out", sample.image))
+    splits = json.loads((tmp_path / "out" / "splits.json").read_bytes())
+    assert name in splits["train"] + splits["val"]
+
+
+# ---------------------------------------------------------------- a full disk under a DICOM series
+
+
+def test_a_full_disk_under_a_dicom_series_is_an_output_problem_not_the_series(tmp_path, tmpfs, frozen_inputs):
+    shutil.copytree(data_file("extra/dicom_7T_T1_slab"), tmp_path / "in" / "t1")
+    frozen_inputs(tmp_path / "in")
+    out = tmpfs("1m")  # the series' NIfTI is 5 MB
+    proc = niconv("run", _config(tmp_path, "nifti"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (row,) = rows_of(out / "niconv_log.csv")
+    assert row["status"] == "failed"
+    assert row["error_type"] == "OutputError"
+    assert "no space left on device" in row["error_message"]
+    assert row["error_message"].startswith(str(out))
+    assert not [p for p in out.rglob("*") if p.name.startswith(".niconv-tmp-")]
