@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .manifest import Series
 from .text import first_line
 
@@ -558,6 +558,9 @@ def run_engine(series: Series, folder: str, where: str) -> Engined:
         If dcm2niix is missing, exits with an error code (its meaning and
         dcm2niix's own words, with the files named by their real paths), or
         writes no image.
+    OutputError
+        If dcm2niix cannot write into ``folder`` (a full disk or quota, a
+        folder that is not writable), naming the output folder.
     """
     src, out = Path(folder) / "in", Path(folder) / "out"
     src.mkdir()
@@ -578,6 +581,12 @@ def run_engine(series: Series, folder: str, where: str) -> Engined:
     volumes = _volumes(out)
     if proc.returncode != 0 or not volumes:
         code = proc.returncode
+        if code in (6, 7) or any(line.startswith("Unable to write") for line in said):
+            # the output's file system, not the series: say so, as any other output that cannot be written
+            beside = os.path.dirname(os.path.abspath(folder))
+            why = ("no space left on device (disk or quota full)" if os.access(beside, os.W_OK) else
+                   "permission denied (folder not writable or read-only file system)")
+            raise OutputError(beside, f"{series.label}: dcm2niix could not write its image here: {why}")
         what = (f"was stopped by signal {-code}" if code < 0 else
                 f"{_EXIT_WORDS.get(code, 'failed')} (exit code {code})" if code else "wrote no image")
         detail = "; ".join(said) if said else "it gave no reason"
