@@ -88,3 +88,30 @@ def test_a_full_disk_under_a_dicom_series_is_an_output_problem_not_the_series(tm
     assert "no space left on device" in row["error_message"]
     assert row["error_message"].startswith(str(out))
     assert not [p for p in out.rglob("*") if p.name.startswith(".niconv-tmp-")]
+
+
+# ---------------------------------------------------------------- the report's files through a link
+
+
+@pytest.mark.parametrize("name, target", [("report_files", "elsewhere"), ("report.html", "elsewhere/page.html"),
+                                          ("report.cache.json", "elsewhere/cache.json")])
+def test_the_report_never_writes_through_a_link_in_its_folder(tmp_path, frozen_inputs, name, target):
+    (tmp_path / "in").mkdir()
+    shutil.copyfile(real_image("sct_t2s.nii.gz"), tmp_path / "in" / "t2s.nii.gz")
+    frozen_inputs(tmp_path / "in")
+    cfg = _config(tmp_path, "numpy")
+    assert niconv("run", cfg, "--quiet").returncode == 0
+    (tmp_path / "elsewhere").mkdir()
+    if name == "report.html":  # a link to a niconv report: the link, not the report, would be replaced
+        assert niconv("report", cfg).returncode == 0
+        shutil.move(tmp_path / "out" / "report.html", tmp_path / "elsewhere" / "page.html")
+        shutil.rmtree(tmp_path / "out" / "report_files")
+        (tmp_path / "out" / "report.cache.json").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "elsewhere").iterdir()}
+    os.symlink(tmp_path / target, tmp_path / "out" / name)
+    proc = niconv("report", cfg)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert str(tmp_path / "out" / name) in proc.stderr and "symbolic link" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "elsewhere").iterdir()} == before
+    assert os.path.islink(tmp_path / "out" / name)
