@@ -115,3 +115,25 @@ def test_the_report_never_writes_through_a_link_in_its_folder(tmp_path, frozen_i
     assert "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "elsewhere").iterdir()} == before
     assert os.path.islink(tmp_path / "out" / name)
+
+
+# ---------------------------------------------------------------- a tag value that breaks its VR
+
+
+def test_a_tag_value_pydicom_finds_invalid_gives_no_library_warning_on_stderr(tmp_path, frozen_inputs):
+    import pydicom
+
+    src = sorted(data_file("extra/dicom_7T_T1_slab").iterdir())
+    (tmp_path / "in").mkdir()
+    for f in src:
+        ds = pydicom.dcmread(f)
+        ds["SeriesNumber"]._value = "abc"  # an IS that is no number, as a broken exporter writes it
+        ds.save_as(tmp_path / "in" / f.name)
+    frozen_inputs(tmp_path / "in")
+    cfg = _config(tmp_path, "numpy")
+    for command in ("plan", "run"):
+        proc = niconv(command, cfg)
+        assert proc.returncode == 0, proc.stderr
+        assert "Warning" not in proc.stderr and "valuerep" not in proc.stderr, proc.stderr
+    (row,) = rows_of(tmp_path / "out" / "niconv_log.csv")
+    assert row["status"] == "ok" and os.path.basename(row["output_path"]).startswith("abc_anat-T1w_")

@@ -203,7 +203,11 @@ def complete_header(header: dict) -> dict:
         return header
     ds, tags = header["_dataset"]
     try:
-        values = _values(ds, tags)
+        # pydicom warns of a value its VR does not allow (a SeriesNumber 'abc'), quoting it: the value is
+        # used as it is, and neither library chatter nor a patient's data belongs on stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = _values(ds, tags)
     except Exception:  # noqa: BLE001 - a value pydicom cannot decode is left out, as an absent one
         values = {}
     return {**values, **{k: v for k, v in header.items() if k != "_dataset"}}
