@@ -137,3 +137,21 @@ def test_a_tag_value_pydicom_finds_invalid_gives_no_library_warning_on_stderr(tm
         assert "Warning" not in proc.stderr and "valuerep" not in proc.stderr, proc.stderr
     (row,) = rows_of(tmp_path / "out" / "niconv_log.csv")
     assert row["status"] == "ok" and os.path.basename(row["output_path"]).startswith("abc_anat-T1w_")
+
+
+# ---------------------------------------------------------------- a name template that comes out empty
+
+
+@pytest.mark.parametrize("to", ["numpy", "nifti", "slices"])
+def test_a_folder_template_for_a_series_at_the_input_root_names_a_visible_output(tmp_path, frozen_inputs, to):
+    shutil.copytree(data_file("extra/dicom_7T_T1_slab"), tmp_path / "in")
+    frozen_inputs(tmp_path / "in")
+    cfg = _config(tmp_path, to, extra="")
+    cfg.write_text(cfg.read_text().replace("output: {root: out}", "output: {root: out, name: '{folder}'}"))
+    proc = niconv("run", cfg, "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = rows_of(tmp_path / "out" / "niconv_log.csv")
+    expected = {"numpy": "unknown.npz", "nifti": "unknown.nii.gz", "slices": "unknown"}[to]
+    assert row["status"] == "ok" and row["output_path"] == str(tmp_path / "out" / expected)
+    hidden = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".") and p.name != ".niconv.lock"]
+    assert hidden == []

@@ -439,7 +439,8 @@ def series_name(template: str, fields: dict) -> str:
     Each value is formatted with its spec when it fits (``{SeriesNumber:03d}``),
     as text otherwise, then :func:`clean`\\ ed; a missing or empty value is
     :data:`PLACEHOLDER`. ``{folder}`` keeps its ``/`` (each part cleaned) and
-    is left out, with its separator, at an input root's top.
+    is left out, with its separator, at an input root's top; a name left
+    empty by that is :data:`PLACEHOLDER`.
     """
     out = []
     for text, field, spec, _ in string.Formatter().parse(template):
@@ -459,8 +460,10 @@ def series_name(template: str, fields: dict) -> str:
             shown = str(value)
         out.append(clean(shown))
     name = "".join(out)
-    # an empty {folder} (the input root itself) takes its separator with it
-    return "/".join(p for p in name.split("/") if p != "\0").replace("\0", "")
+    # an empty {folder} (the input root itself) takes its separator with it; a name left empty
+    # ('{folder}' alone) is the placeholder, never '' (a hidden '.npz', or the output root itself)
+    name = "/".join(p for p in name.split("/") if p != "\0").replace("\0", "")
+    return name or PLACEHOLDER
 
 
 # --------------------------------------------------------------------------- the engine
