@@ -155,3 +155,26 @@ def test_a_folder_template_for_a_series_at_the_input_root_names_a_visible_output
     assert row["status"] == "ok" and row["output_path"] == str(tmp_path / "out" / expected)
     hidden = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".") and p.name != ".niconv.lock"]
     assert hidden == []
+
+
+# ---------------------------------------------------------------- plan and report after a cohort-statistics run
+
+
+def test_plan_and_report_see_the_tasks_of_a_cohort_statistics_run_as_done(tmp_path, frozen_inputs):
+    (tmp_path / "in").mkdir()
+    for name in ("sct_t2s.nii.gz", "nib_anatomical.nii", "dipy_aniso_vox.nii.gz"):
+        shutil.copyfile(real_image(name), tmp_path / "in" / name)
+    frozen_inputs(tmp_path / "in")
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\n"
+                                 "dataset: {split: {val: 0.3, seed: 0}}\n"
+                                 "convert: {to: preprocess, steps: [{normalize: {method: zscore, scope: cohort}}]}\n")
+    assert niconv("run", cfg, "--quiet").returncode == 0
+    plan = niconv("plan", cfg)
+    assert plan.returncode == 0, plan.stderr
+    assert "niconv: 3 task(s): 0 pending, 3 done" in plan.stderr
+    assert plan.stdout.count("  done     ") == 3 and "pending" not in plan.stdout
+    report = niconv("report", cfg, "--no-thumbnails")
+    assert report.returncode == 0, report.stderr
+    assert "report of 3 task(s) (3 ok)" in report.stdout
+    rerun = niconv("run", cfg, "--quiet")
+    assert "0 converted, 3 already done" in rerun.stdout

@@ -177,6 +177,15 @@ def _load(args):
     return config, tasks
 
 
+def _load_converted(args):
+    """:func:`_load`, its tasks with the recorded cohort statistics applied: the ids the conversions ran under,
+    which the logs hold (what `plan`, `status` and `report` compare with them)."""
+    from .dataset import conversion_tasks
+
+    config, tasks = _load(args)
+    return config, conversion_tasks(config, tasks)[0]
+
+
 def cmd_run(args) -> int:
     from .runner import run
 
@@ -214,7 +223,7 @@ def cmd_plan(args) -> int:
     from .runner import plan
     from .volume import skip_reason
 
-    config, tasks = _load(args)
+    config, tasks = _load_converted(args)
     logged = read_log(shard_log_path(config.log_path, args.shard))
     p = plan(tasks, logged.rows, shard=args.shard)
     latest = latest_by_task(logged.rows)
@@ -395,10 +404,7 @@ def cmd_status(args) -> int:
     from .runfiles import status
     from .slurm import live_shards, submissions
 
-    from .dataset import conversion_tasks
-
-    config, tasks = _load(args)
-    tasks = conversion_tasks(config, tasks)[0]  # with cohort statistics: the ids the conversions ran under
+    config, tasks = _load_converted(args)
     st = status(config, tasks)
     print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending, {st.skipped} skipped "
           f"({len(st.logs)} log file(s) beside {config.log_path})")
@@ -458,7 +464,7 @@ def cmd_report(args) -> int:
     if is_log(source) or source.suffix.lower() == ".csv":
         entries, log_path, options, damaged = gather_from_log(source)
     else:
-        config, tasks = _load(argparse.Namespace(config=args.source))
+        config, tasks = _load_converted(argparse.Namespace(config=args.source))
         entries, log_path, options, damaged = gather_from_config(config, tasks)
     if not entries:
         raise LogError(str(log_path), "expected tasks to report on, found none (an empty log?)")
