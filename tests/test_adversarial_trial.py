@@ -178,3 +178,17 @@ def test_plan_and_report_see_the_tasks_of_a_cohort_statistics_run_as_done(tmp_pa
     assert "report of 3 task(s) (3 ok)" in report.stdout
     rerun = niconv("run", cfg, "--quiet")
     assert "0 converted, 3 already done" in rerun.stdout
+
+
+def test_submit_retry_failed_resubmits_no_shard_of_a_finished_cohort_statistics_run(tmp_path, frozen_inputs):
+    (tmp_path / "in").mkdir()
+    for name in ("sct_t2s.nii.gz", "nib_anatomical.nii", "dipy_aniso_vox.nii.gz", "nib_minc1_1_scale.mnc"):
+        shutil.copyfile(real_image(name), tmp_path / "in" / name)
+    frozen_inputs(tmp_path / "in")
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\n"
+                                 "convert: {to: preprocess, steps: [{normalize: {method: zscore, scope: cohort}}]}\n")
+    for shard in ("0/2", "1/2"):
+        assert niconv("run", cfg, "--shard", shard, "--quiet").returncode == 0
+    proc = niconv("submit", cfg, "--slurm", "--shards", "2", "--retry-failed", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "nothing to resubmit: every task of the 2 shards is done"

@@ -345,6 +345,7 @@ def cmd_submit(args) -> int:
     from pydantic import ValidationError
 
     from .config import SlurmOptions, load_config
+    from .dataset import conversion_tasks
     from .runfiles import shards_to_retry
     from .scan import build_manifest
     from .schema import problems
@@ -368,7 +369,8 @@ def cmd_submit(args) -> int:
     only = None
     if args.retry_failed:
         shards = shards or shard_count(config, len(tasks))
-        retry = shards_to_retry(config, shards, tasks)
+        # with cohort statistics: the ids the shards converted under (shards go by size, not by id)
+        retry = shards_to_retry(config, shards, conversion_tasks(config, tasks)[0])
         live = live_shards(config, shards) if not args.dry_run else set()
         # a shard still queued or running would write its log twice at once
         only = [s for s in retry if s not in live]
