@@ -192,3 +192,25 @@ def test_submit_retry_failed_resubmits_no_shard_of_a_finished_cohort_statistics_
     proc = niconv("submit", cfg, "--slurm", "--shards", "2", "--retry-failed", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "nothing to resubmit: every task of the 2 shards is done"
+
+
+# ---------------------------------------------------------------- a DICOMDIR beside the series
+
+
+def test_a_dicomdir_is_skipped_as_no_image_and_the_run_succeeds(tmp_path, frozen_inputs):
+    from pydicom.data import get_testdata_file
+
+    shutil.copytree(data_file("extra/dicom_7T_T1_slab"), tmp_path / "in" / "IMAGES")
+    shutil.copyfile(get_testdata_file("DICOMDIR"), tmp_path / "in" / "DICOMDIR")  # as on every exported CD
+    frozen_inputs(tmp_path / "in")
+    cfg = _config(tmp_path, "nifti")
+    plan = niconv("plan", cfg)
+    assert plan.returncode == 0, plan.stderr
+    assert "[file DICOMDIR]" in plan.stdout and "skipped" in plan.stdout
+    proc = niconv("run", cfg)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {Path(r["input_path"]).name: r for r in rows_of(tmp_path / "out" / "niconv_log.csv")}
+    assert rows["IMAGES"]["status"] == "ok"
+    assert rows["in"]["status"] == "skipped"
+    assert rows["in"]["error_message"] == (f"{tmp_path / 'in'}: file DICOMDIR: not an image: Media Storage Directory "
+                                           "Storage (1.2.840.10008.1.3.10); niconv converts image series")

@@ -181,6 +181,10 @@ def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str,
                 ds = read_partial(f, stop_when=stop, force=True, specific_tags=wanted)
                 # the values every file needs now; the others once per series (complete_header)
                 values = _grouping_values(ds)
+                if "SOPClassUID" not in values:  # a DICOMDIR names its class only in the file meta
+                    media = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+                    if media:
+                        values["SOPClassUID"] = str(media)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers
                 if not preamble:
                     raise NotDicom(_not_dicom(head)) from exc
@@ -353,6 +357,9 @@ def group(files: Iterable[tuple[Path, str, dict | NotDicom]], identifying: bool)
     for root, rel, header in files:
         if isinstance(header, NotDicom):
             by_uid[f"file:{root / rel}"].append((root, rel, {"_problem": str(header)}))
+        elif not header.get("SeriesInstanceUID") and _no_image(header.get("SOPClassUID")):
+            # an object of no series (a DICOMDIR, the index of an exported CD): skipped as it holds no image
+            by_uid[f"file:{root / rel}"].append((root, rel, {**header, "_alone": True}))
         elif not header.get("SeriesInstanceUID"):  # required of every DICOM object: the header stops short
             problem = ("a DICOM file without a SeriesInstanceUID (0020,000E), which every DICOM object has: "
                        "its header is cut short or damaged, so its series is unknown")
@@ -378,7 +385,7 @@ def _found(uid: str, members: list, identifying: bool) -> Found:
     label = (f"series {number if number is not None else '?'} {first.get('Modality', '?')} "
              f"'{first.get('SeriesDescription', '')}', {len(members)} file{'s' if len(members) != 1 else ''}")
     problem = members[0][2].get("_problem", "") if len(members) == 1 else ""
-    if problem:  # a file whose series is unknown: named by its path
+    if problem or members[0][2].get("_alone"):  # a file whose series is unknown: named by its path
         label = f"file {members[0][1]}"
     skip = ""
     if not problem and not images:
@@ -403,6 +410,11 @@ def _found(uid: str, members: list, identifying: bool) -> Found:
     fields.update(series_id=key[:8], folder=folder)
     return Found(root=root, folder=folder, files=tuple((r, rel) for r, rel, _ in members), series=series,
                  fields=fields, key=key[:16])
+
+
+def _no_image(uid: str | None) -> bool:
+    """True for a known SOP class that is not an image storage class (DICOMDIR, reports, plans)."""
+    return bool(uid) and "Image Storage" not in _sop_name(uid) and not _sop_name(uid).startswith("SOP class ")
 
 
 def _sop_name(uid: str | None) -> str:
