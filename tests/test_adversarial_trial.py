@@ -214,3 +214,25 @@ def test_a_dicomdir_is_skipped_as_no_image_and_the_run_succeeds(tmp_path, frozen
     assert rows["in"]["status"] == "skipped"
     assert rows["in"]["error_message"] == (f"{tmp_path / 'in'}: file DICOMDIR: not an image: Media Storage Directory "
                                            "Storage (1.2.840.10008.1.3.10); niconv converts image series")
+
+
+# ---------------------------------------------------------------- a fold as a training script passes it
+
+
+def test_a_fold_given_as_text_or_missing_is_a_clear_dataset_error(tmp_path, frozen_inputs):
+    from niconv.datasets import DatasetError, read_index
+
+    (tmp_path / "in").mkdir()
+    for name in ("sct_t2s.nii.gz", "nib_anatomical.nii", "dipy_aniso_vox.nii.gz", "nib_minc1_1_scale.mnc"):
+        shutil.copyfile(real_image(name), tmp_path / "in" / name)
+    frozen_inputs(tmp_path / "in")
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\ndataset: {split: {folds: 3, seed: 0}}\n"
+                                 "convert: {to: preprocess, format: npy, steps: [{crop_pad: {shape: [16, 16, 16]}}]}\n")
+    assert niconv("run", cfg, "--quiet").returncode == 0
+    index = read_index(tmp_path / "out")
+    with pytest.raises(DatasetError, match=r"fold: expected a whole number from 0 to 2, found '1' \(text\)"):
+        index.select("val", fold="1")  # argparse without type=int
+    with pytest.raises(DatasetError, match=r"split in 3 folds: pass fold=0 to 2"):
+        index.select("val")
+    fold = index.samples[0].fold
+    assert len(index.select("val", fold=fold)) + len(index.select("train", fold=fold)) == 4
