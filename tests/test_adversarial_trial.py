@@ -236,3 +236,30 @@ def test_a_fold_given_as_text_or_missing_is_a_clear_dataset_error(tmp_path, froz
         index.select("val")
     fold = index.samples[0].fold
     assert len(index.select("val", fold=fold)) + len(index.select("train", fold=fold)) == 4
+
+
+# ---------------------------------------------------------------- macOS companions beside the images
+
+
+def _apple_double(path: Path) -> Path:
+    """The AppleDouble companion macOS writes as ``._<name>`` on a non-Mac file system (its magic, then zeros)."""
+    path.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + bytes(4096 - 24))
+    return path
+
+
+@pytest.mark.parametrize("to", ["numpy", "nifti"])
+def test_macos_appledouble_companions_are_not_inputs(tmp_path, frozen_inputs, to):
+    (tmp_path / "in").mkdir()
+    shutil.copyfile(real_image("sct_t2s.nii.gz"), tmp_path / "in" / "t2s.nii.gz")
+    _apple_double(tmp_path / "in" / "._t2s.nii.gz")
+    shutil.copytree(data_file("extra/dicom_7T_T1_slab"), tmp_path / "in" / "dicom")
+    _apple_double(tmp_path / "in" / "dicom" / "._N2D_0181.dcm")
+    frozen_inputs(tmp_path / "in")
+    cfg = _config(tmp_path, to)
+    plan = niconv("plan", cfg)
+    assert "._" not in plan.stdout
+    proc = niconv("run", cfg)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = rows_of(tmp_path / "out" / "niconv_log.csv")
+    assert {r["status"] for r in rows} == {"ok"}
+    assert sorted(Path(r["input_path"]).name for r in rows) == (["dicom", "t2s.nii.gz"] if to == "numpy" else ["dicom"])
