@@ -263,3 +263,23 @@ def test_macos_appledouble_companions_are_not_inputs(tmp_path, frozen_inputs, to
     rows = rows_of(tmp_path / "out" / "niconv_log.csv")
     assert {r["status"] for r in rows} == {"ok"}
     assert sorted(Path(r["input_path"]).name for r in rows) == (["dicom", "t2s.nii.gz"] if to == "numpy" else ["dicom"])
+
+
+# ---------------------------------------------------------------- cohort statistics of an empty training split
+
+
+def test_an_empty_training_split_is_named_as_such_not_as_unreadable_samples(tmp_path, frozen_inputs):
+    (tmp_path / "in").mkdir()
+    for name in ("sct_t2s.nii.gz", "nib_anatomical.nii"):
+        shutil.copyfile(real_image(name), tmp_path / "in" / name)
+    frozen_inputs(tmp_path / "in")
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\n"
+                                 "dataset: {split: {val: 0.45, test: 0.45, seed: 0}}\n"
+                                 "convert: {to: preprocess, steps: [{normalize: {method: zscore, scope: cohort}}]}\n")
+    proc = niconv("run", cfg, "--quiet")
+    splits = json.loads((tmp_path / "out" / "splits.json").read_text()) if (tmp_path / "out" / "splits.json").exists() \
+        else None
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "the training split is empty (2 samples: 2 val)" in proc.stderr, proc.stderr
+    assert "dataset.split" in proc.stderr and "statistics log's failed rows" not in proc.stderr
+    assert splits is None or splits["train"] == []
