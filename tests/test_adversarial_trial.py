@@ -283,3 +283,19 @@ def test_an_empty_training_split_is_named_as_such_not_as_unreadable_samples(tmp_
     assert "the training split is empty (2 samples: 2 val)" in proc.stderr, proc.stderr
     assert "dataset.split" in proc.stderr and "statistics log's failed rows" not in proc.stderr
     assert splits is None or splits["train"] == []
+
+
+# ---------------------------------------------------------------- an output root that is a file
+
+
+def test_an_output_root_that_is_a_file_is_named_by_its_key(tmp_path, frozen_inputs):
+    (tmp_path / "in").mkdir()
+    shutil.copyfile(real_image("sct_t2s.nii.gz"), tmp_path / "in" / "t2s.nii.gz")
+    (tmp_path / "out").write_bytes(b"notes\n")  # a file where the output folder should be
+    frozen_inputs(tmp_path / "in")
+    cfg = _config(tmp_path, "numpy")
+    for command in ("validate", "plan", "run"):
+        proc = niconv(command, cfg)
+        assert proc.returncode == 2, proc.stderr
+        assert f"output.root: expected a folder (or none yet), found a file at {tmp_path / 'out'}" in proc.stderr
+    assert (tmp_path / "out").read_bytes() == b"notes\n"

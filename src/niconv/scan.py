@@ -61,6 +61,8 @@ def build_manifest(config: Config) -> tuple[Task, ...]:
     ConfigError
         If the log or run record is an input, or exists and is not niconv's.
     """
+    if os.path.exists(config.output.root) and not os.path.isdir(config.output.root):
+        raise ScanError("output.root", f"expected a folder (or none yet), found a file at {config.output.root}")
     if config.input.subject is not None:
         return _subject_manifest(config)
     conv = converters.get(config.convert.to)
