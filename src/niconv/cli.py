@@ -191,6 +191,15 @@ def _manifest(config, workers=None, warn: bool = False):
     return tasks
 
 
+def _load_converted(args, warn: bool = False):
+    """:func:`_load`, its tasks with the recorded cohort statistics applied: the ids the conversions ran under,
+    which the logs hold (what `plan`, `status` and `report` compare with them)."""
+    from .dataset import conversion_tasks
+
+    config, tasks = _load(args, warn)
+    return config, conversion_tasks(config, tasks)[0]
+
+
 def cmd_run(args) -> int:
     from .dispatch import head_start
 
@@ -236,7 +245,7 @@ def cmd_plan(args) -> int:
     from .runner import plan
     from .volume import skip_reason
 
-    config, tasks = _load(args, warn=True)
+    config, tasks = _load_converted(args, warn=True)
     logged = read_log(shard_log_path(config.log_path, args.shard))
     p = plan(tasks, logged.rows, shard=args.shard)
     latest = latest_by_task(logged.rows)
@@ -360,6 +369,7 @@ def cmd_submit(args) -> int:
     from pydantic import ValidationError
 
     from .config import SlurmOptions, load_config
+    from .dataset import conversion_tasks
     from .runfiles import shards_to_retry
     from .scan import build_manifest
     from .schema import problems
@@ -383,7 +393,8 @@ def cmd_submit(args) -> int:
     only = None
     if args.retry_failed:
         shards = shards or shard_count(config, len(tasks))
-        retry = shards_to_retry(config, shards, tasks)
+        # with cohort statistics: the ids the shards converted under (shards go by size, not by id)
+        retry = shards_to_retry(config, shards, conversion_tasks(config, tasks)[0])
         live = live_shards(config, shards) if not args.dry_run else set()
         # a shard still queued or running would write its log twice at once
         only = [s for s in retry if s not in live]
@@ -419,10 +430,7 @@ def cmd_status(args) -> int:
     from .runfiles import status
     from .slurm import live_shards, submissions
 
-    from .dataset import conversion_tasks
-
-    config, tasks = _load(args)
-    tasks = conversion_tasks(config, tasks)[0]  # with cohort statistics: the ids the conversions ran under
+    config, tasks = _load_converted(args)
     st = status(config, tasks)
     print(f"{st.total} tasks: {st.done} done, {st.failed} failed, {st.pending} pending, {st.skipped} skipped "
           f"({len(st.logs)} log file(s) beside {config.log_path})")
@@ -482,7 +490,7 @@ def cmd_report(args) -> int:
     if is_log(source) or source.suffix.lower() == ".csv":
         entries, log_path, options, damaged = gather_from_log(source)
     else:
-        config, tasks = _load(argparse.Namespace(config=args.source))
+        config, tasks = _load_converted(argparse.Namespace(config=args.source))
         entries, log_path, options, damaged = gather_from_config(config, tasks)
     if not entries:
         raise LogError(str(log_path), "expected tasks to report on, found none (an empty log?)")

@@ -48,6 +48,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Optional
@@ -487,6 +488,12 @@ def first_pass(config, tasks: tuple[Task, ...], splits: Splits, run_tasks: Calla
         If the statistics log cannot be written.
     """
     train = training_tasks(tasks, splits)
+    if not train:  # nothing to measure: say why, not that samples could not be read
+        samples = Counter(splits.of(t)[0] for t in tasks if not t.label_map)
+        shares = ", ".join(f"{n} {name}" for name, n in sorted(samples.items()))
+        raise NiconvError("dataset.split", f"cohort statistics: the training split is empty ({sum(samples.values())} "
+                                           f"samples: {shares}); scope: cohort normalizes with the training "
+                                           "samples' statistics: lower val and test, or add subjects")
     # measured, or skipped (an input preprocess does not take): not again; a failed one is tried again
     done = {k for k, r in _latest_measures(config, train).items() if r["status"] != "failed"}
     pending = [t for t in train if t.task_id not in done]
@@ -711,7 +718,9 @@ def _write_own(path: Path, record: dict, problem: Callable[[Path], str | None], 
     found = problem(path)
     if found:
         raise OutputError(str(path), f"{what} exists and {found}; niconv writes only files it made: move that file")
-    data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
+    # a name byte that is not UTF-8 (a lone surrogate, os.fsdecode) becomes the JSON escape \udcXX: the
+    # file stays UTF-8 that every JSON reader takes, and json.loads gives back the same path
+    data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
     with atomic_output(path) as tmp:
         Path(tmp).write_bytes(data)
 

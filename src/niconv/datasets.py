@@ -28,6 +28,7 @@ unsigned integer label map by default).
 from __future__ import annotations
 
 import json
+import numbers
 import posixpath
 import zipfile
 from pathlib import Path
@@ -137,10 +138,14 @@ class Index(_Record):
             If the split holds no sample, or ``fold`` is given for an index without folds
             or is out of range.
         """
+        folds = (self.splits or {}).get("folds")
         if fold is None:
             chosen = tuple(s for s in self.samples if split is None or s.split == split)
         else:
-            folds = (self.splits or {}).get("folds")
+            if isinstance(fold, bool) or not isinstance(fold, numbers.Integral):  # "1" from a command line
+                found = f"{fold!r} (text)" if isinstance(fold, str) else f"{fold!r} (a {type(fold).__name__})"
+                raise DatasetError(self.path, f"fold: expected a whole number from 0 to "
+                                              f"{folds - 1 if folds else 'the number of folds - 1'}, found {found}")
             if not folds:
                 raise DatasetError(self.path, f"fold={fold} asked for, but the index has no folds "
                                               f"(splits.folds is {folds!r}; set dataset.split.folds)")
@@ -154,8 +159,10 @@ class Index(_Record):
                 chosen = tuple(s for s in self.samples if split is None or s.split == split)
         if not chosen:
             present = sorted({s.split for s in self.samples})
+            hint = (f"; the index is split in {folds} folds: pass fold=0 to {folds - 1} for a fold's validation "
+                    "samples" if folds and fold is None and split == "val" else "")
             raise DatasetError(self.path, f"no sample in split {split!r}" + ("" if fold is None else f", fold {fold}")
-                                          + f"; the index has samples in {present}")
+                                          + f"; the index has samples in {present}{hint}")
         return chosen
 
 

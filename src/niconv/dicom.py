@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .manifest import Series
 from .text import first_line
 
@@ -181,6 +181,10 @@ def read_header(path: str | os.PathLike, keywords: tuple[str, ...]) -> dict[str,
                 ds = read_partial(f, stop_when=stop, force=True, specific_tags=wanted)
                 # the values every file needs now; the others once per series (complete_header)
                 values = _grouping_values(ds)
+                if "SOPClassUID" not in values:  # a DICOMDIR names its class only in the file meta
+                    media = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+                    if media:
+                        values["SOPClassUID"] = str(media)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers
                 if not preamble:
                     raise NotDicom(_not_dicom(head)) from exc
@@ -229,7 +233,11 @@ def complete_header(header: dict) -> dict:
         return header
     ds, tags = header["_dataset"]
     try:
-        values = _values(ds, tags)
+        # pydicom warns of a value its VR does not allow (a SeriesNumber 'abc'), quoting it: the value is
+        # used as it is, and neither library chatter nor a patient's data belongs on stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = _values(ds, tags)
     except Exception:  # noqa: BLE001 - a value pydicom cannot decode is left out, as an absent one
         values = {}
     return {**values, **{k: v for k, v in header.items() if k != "_dataset"}}
@@ -375,6 +383,9 @@ def group(files: Iterable[tuple[Path, str, dict | NotDicom]], identifying: bool)
     for root, rel, header in files:
         if isinstance(header, NotDicom):
             by_uid[f"file:{root / rel}"].append((root, rel, {"_problem": str(header)}))
+        elif not header.get("SeriesInstanceUID") and _no_image(header.get("SOPClassUID")):
+            # an object of no series (a DICOMDIR, the index of an exported CD): skipped as it holds no image
+            by_uid[f"file:{root / rel}"].append((root, rel, {**header, "_alone": True}))
         elif not header.get("SeriesInstanceUID"):  # required of every DICOM object: the header stops short
             problem = ("a DICOM file without a SeriesInstanceUID (0020,000E), which every DICOM object has: "
                        "its header is cut short or damaged, so its series is unknown")
@@ -400,7 +411,7 @@ def _found(uid: str, members: list, identifying: bool) -> Found:
     label = (f"series {number if number is not None else '?'} {first.get('Modality', '?')} "
              f"'{first.get('SeriesDescription', '')}', {len(members)} file{'s' if len(members) != 1 else ''}")
     problem = members[0][2].get("_problem", "") if len(members) == 1 else ""
-    if problem:  # a file whose series is unknown: named by its path
+    if problem or members[0][2].get("_alone"):  # a file whose series is unknown: named by its path
         label = f"file {members[0][1]}"
     skip = ""
     if not problem and not images:
@@ -425,6 +436,11 @@ def _found(uid: str, members: list, identifying: bool) -> Found:
     fields.update(series_id=key[:8], folder=folder)
     return Found(root=root, folder=folder, files=tuple((r, rel) for r, rel, _ in members), series=series,
                  fields=fields, key=key[:16])
+
+
+def _no_image(uid: str | None) -> bool:
+    """True for a known SOP class that is not an image storage class (DICOMDIR, reports, plans)."""
+    return bool(uid) and "Image Storage" not in _sop_name(uid) and not _sop_name(uid).startswith("SOP class ")
 
 
 def _sop_name(uid: str | None) -> str:
@@ -461,7 +477,8 @@ def series_name(template: str, fields: dict) -> str:
     Each value is formatted with its spec when it fits (``{SeriesNumber:03d}``),
     as text otherwise, then :func:`clean`\\ ed; a missing or empty value is
     :data:`PLACEHOLDER`. ``{folder}`` keeps its ``/`` (each part cleaned) and
-    is left out, with its separator, at an input root's top.
+    is left out, with its separator, at an input root's top; a name left
+    empty by that is :data:`PLACEHOLDER`.
     """
     out = []
     for text, field, spec, _ in string.Formatter().parse(template):
@@ -481,8 +498,10 @@ def series_name(template: str, fields: dict) -> str:
             shown = str(value)
         out.append(clean(shown))
     name = "".join(out)
-    # an empty {folder} (the input root itself) takes its separator with it
-    return "/".join(p for p in name.split("/") if p != "\0").replace("\0", "")
+    # an empty {folder} (the input root itself) takes its separator with it; a name left empty
+    # ('{folder}' alone) is the placeholder, never '' (a hidden '.npz', or the output root itself)
+    name = "/".join(p for p in name.split("/") if p != "\0").replace("\0", "")
+    return name or PLACEHOLDER
 
 
 # --------------------------------------------------------------------------- the engine
@@ -584,6 +603,9 @@ def run_engine(series: Series, folder: str, where: str) -> Engined:
         If dcm2niix is missing, exits with an error code (its meaning and
         dcm2niix's own words, with the files named by their real paths), or
         writes no image.
+    OutputError
+        If dcm2niix cannot write into ``folder`` (a full disk or quota, a
+        folder that is not writable), naming the output folder.
     """
     # no folder of its own for the output: on some file systems a folder costs milliseconds
     src, out = Path(folder) / "in", Path(folder)
@@ -604,6 +626,12 @@ def run_engine(series: Series, folder: str, where: str) -> Engined:
     volumes = _volumes(out)
     if proc.returncode != 0 or not volumes:
         code = proc.returncode
+        if code in (6, 7) or any(line.startswith("Unable to write") for line in said):
+            # the output's file system, not the series: say so, as any other output that cannot be written
+            beside = os.path.dirname(os.path.abspath(folder))
+            why = ("no space left on device (disk or quota full)" if os.access(beside, os.W_OK) else
+                   "permission denied (folder not writable or read-only file system)")
+            raise OutputError(beside, f"{series.label}: dcm2niix could not write its image here: {why}")
         what = (f"was stopped by signal {-code}" if code < 0 else
                 f"{_EXIT_WORDS.get(code, 'failed')} (exit code {code})" if code else "wrote no image")
         detail = "; ".join(said) if said else "it gave no reason"

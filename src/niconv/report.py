@@ -25,7 +25,7 @@ import numpy as np
 from . import qc
 from .errors import ConfigError
 from .log import latest_by_task, read_log
-from .writers import atomic_output
+from .writers import atomic_output, own_file_problem
 
 REPORT_NAME, CACHE_NAME, FILES_NAME = "report.html", "report.cache.json", "report_files"
 #: First bytes of every page niconv writes: a file with the report's name that lacks them is not ours.
@@ -396,14 +396,21 @@ def _label_on_grid(label, affine: np.ndarray, shape: tuple[int, int, int]) -> np
 
 
 def check_report_paths(folder: Path) -> None:
-    """Refuse to replace a ``report.html`` or cache that niconv did not write.
+    """Refuse to replace a ``report.html`` or cache that niconv did not write, or to write through a link.
 
     Raises
     ------
     ConfigError
-        Naming the file that is in the way.
+        Naming the file that is in the way: not niconv's, or a symbolic link
+        (for the thumbnails' folder too), which would put the report's files
+        elsewhere or replace the link.
     """
     page, cache = folder / REPORT_NAME, folder / CACHE_NAME
+    thumbs = folder / FILES_NAME
+    for path in (page, cache, thumbs):
+        if os.path.islink(path):
+            raise ConfigError(str(path), f"the report's {'folder' if path == thumbs else 'file'} name is taken by "
+                                         f"{own_file_problem(path)}; niconv never writes through a link: remove it")
     if page.exists():
         with open(page, "rb") as f:
             if not f.read(len(MARKER)).decode("utf-8", "replace").startswith(MARKER):

@@ -69,6 +69,8 @@ def build_manifest(config: Config, workers=None) -> tuple[Task, ...]:
     ConfigError
         If the log or run record is an input, or exists and is not niconv's.
     """
+    if os.path.exists(config.output.root) and not os.path.isdir(config.output.root):
+        raise ScanError("output.root", f"expected a folder (or none yet), found a file at {config.output.root}")
     if config.input.subject is not None:
         return _subject_manifest(config)
     conv = converters.get(config.convert.to)
@@ -268,11 +270,28 @@ def _walk(root: Path, scanned, out_root: Path, maybe_dicom=None):
         rel_dir = os.path.relpath(dirpath, root)
         files = set(filenames) if maybe_dicom is not None else ()
         for name in sorted(filenames + dirnames):
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(TEMP_PREFIX) or _apple_double(dirpath, name):
                 continue
             rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
             if scanned(rel) or (name in files and maybe_dicom(rel)):
                 yield rel
+
+
+# the start of an AppleDouble file: the companion ``._<name>`` macOS writes beside each file it copies to a
+# disk of another file system (its Finder data); never an image, whatever its name says
+_APPLE_DOUBLE = b"\x00\x05\x16\x07"
+
+
+def _apple_double(folder: str, name: str) -> bool:
+    """True for macOS's ``._<name>`` companion of a file (by its name and its first bytes)."""
+    path = os.path.join(folder, name)
+    if not name.startswith("._") or not os.path.isfile(path):  # a folder or a pipe is no such companion
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _APPLE_DOUBLE
+    except OSError:  # unreadable: left to the conversion, which names the cause
+        return False
 
 
 # names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)

@@ -54,6 +54,8 @@ def convert_series(task, conv: Converter) -> Conversion:
         For a series that cannot be converted: a file that is not DICOM, mixed
         image sizes, dcm2niix's failure in its own words; or the converter's
         error, naming the series.
+    OutputError
+        If an output cannot be written (dcm2niix's included: a full disk).
     """
     series = task.series
     if series.skip:
