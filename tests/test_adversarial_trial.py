@@ -299,3 +299,30 @@ def test_an_output_root_that_is_a_file_is_named_by_its_key(tmp_path, frozen_inpu
         assert proc.returncode == 2, proc.stderr
         assert f"output.root: expected a folder (or none yet), found a file at {tmp_path / 'out'}" in proc.stderr
     assert (tmp_path / "out").read_bytes() == b"notes\n"
+
+
+def test_long_non_ascii_tag_values_give_names_a_file_system_takes(cohort, tmp_path, frozen_inputs):
+    """Two 64-character fields of 3-byte characters in one name part: 384 bytes, over the 255 of a file name."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    for i, f in enumerate(sorted((cohort / "dicom_philips_epi").iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.SeriesDescription, ds.ProtocolName = "脳" * 100, "画" * 100
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["long names", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        (tmp_path / "in").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "in" / f.name)
+    frozen_inputs(tmp_path / "in")
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out, name: '{SeriesDescription}_{ProtocolName}'}\n"
+                                 "jobs: 1\nconvert: {to: nifti}\n")
+    proc = niconv("run", cfg, "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [row] = rows_of(tmp_path / "out" / "niconv_log.csv")
+    assert row["status"] == "ok", row["error_message"]
+    name = Path(row["output_path"]).name
+    assert name.endswith(".nii.gz") and len(name.encode()) <= 255
+    assert name.startswith("脳" * 63 + "_")  # cut at a character, then 8 hex digits of the whole
+    assert len(name.removesuffix(".nii.gz").encode()) <= 200 and name[-16] == "_"
+    assert (tmp_path / "out" / name).is_file() and (tmp_path / "out" / name.replace(".nii.gz", ".json")).is_file()

@@ -40,6 +40,9 @@ from .text import first_line
 PLACEHOLDER = "unknown"
 #: Longest text one tag value puts into an output name (characters).
 MAX_FIELD = 64
+#: Bytes of one folder or file name an output name template may fill: file systems allow 255, and the
+#: converters add their endings (``.nii.gz``, ``_axial_0001.png``)
+MAX_PART_BYTES = 200
 #: niconv's own fields of a name template, beside DICOM keywords: a short hash of the
 #: SeriesInstanceUID (not identifying, and it tells series apart), and the series' folder
 #: relative to its input root (mirrors the input tree).
@@ -500,8 +503,19 @@ def series_name(template: str, fields: dict) -> str:
     name = "".join(out)
     # an empty {folder} (the input root itself) takes its separator with it; a name left empty
     # ('{folder}' alone) is the placeholder, never '' (a hidden '.npz', or the output root itself)
-    name = "/".join(p for p in name.split("/") if p != "\0").replace("\0", "")
+    name = "/".join(_fitting(p) for p in name.split("/") if p != "\0").replace("\0", "")
     return name or PLACEHOLDER
+
+
+def _fitting(part: str) -> str:
+    """A name part of at most :data:`MAX_PART_BYTES` bytes (UTF-8): a longer one is cut at a character
+    and ends in 8 hex digits of a hash of the whole, so that long names stay distinct."""
+    raw = part.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_PART_BYTES:
+        return part
+    tag = "_" + hashlib.sha256(raw).hexdigest()[:8]
+    cut = raw[: MAX_PART_BYTES - len(tag)].decode("utf-8", "ignore")  # "ignore": a character cut in two
+    return cut.rstrip("._") + tag
 
 
 # --------------------------------------------------------------------------- the engine
