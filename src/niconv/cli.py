@@ -203,9 +203,13 @@ def _load_converted(args, warn: bool = False):
 def cmd_run(args) -> int:
     from .dispatch import head_start
 
+    from .runfiles import shard_log_path
+
     config = _config(args)
-    # the workers start now, so that their start-up overlaps the scan (which may use them)
-    workers = head_start(config, args.jobs, args.backend)
+    # a first run's workers start now, so that their start-up overlaps the scan (which may use them);
+    # a rerun may have nothing to do: its workers start once its plan shows work to share
+    first = not os.path.lexists(shard_log_path(config.log_path, args.shard))
+    workers = head_start(config, args.jobs, args.backend) if first else None
     try:
         from .runner import run
 
