@@ -104,7 +104,7 @@ def scan_rate(config: Path, files: int, repeat: int) -> tuple[float, float, floa
     from niconv.scan import build_manifest
 
     cfg = load_config(config)
-    scan.PARALLEL_HEADERS = 0  # the workers read the headers of any tree (by default, of 4,096 files or more)
+    scan.PARALLEL_HEADERS = 0  # the workers read the headers of any tree (by default, of 1,024 files or more, once started)
     workers = start_workers(2)
     workers.ready()
     ours, parallel, theirs = [], [], []

@@ -115,6 +115,10 @@ class Workers:
         except Exception:  # noqa: BLE001 - only a head start; the run starts workers itself
             pass
 
+    def started(self) -> bool:
+        """True once every worker has started (or starting them gave up): :meth:`ready` will not wait."""
+        return not self._thread.is_alive()
+
     def ready(self) -> set[int]:
         """Wait until every worker has started (one dispatcher at a time uses the pool).
 

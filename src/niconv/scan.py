@@ -295,9 +295,8 @@ def _apple_double(folder: str, name: str) -> bool:
 
 
 # names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)
-# files to look at from which a scan reads DICOM headers in the run's workers: below it, reading
-# them here is as fast as waiting for the workers (about 0.4 s to start, 0.3 s to import pydicom)
-PARALLEL_HEADERS = 4096
+# files to look at from which a scan reads DICOM headers in the run's workers once they have started
+PARALLEL_HEADERS = 1024
 _NOT_DICOM = tuple(s for s in IMAGE_SUFFIXES + ARRAY_SUFFIXES if s != ".dcm") + (".img", ".rec", ".brik", ".brik.gz")
 
 
@@ -334,17 +333,25 @@ def _dicom_series(config: Config, found: list[tuple[Path, str]], scanned, worker
 
 
 def _read_headers(paths: list[str], keywords: tuple[str, ...], workers) -> list:
-    """The header of each file, or why it is not DICOM: in the workers when there are enough files
-    that their round trips pay (a header takes about half a millisecond), else here."""
-    if workers is not None and len(paths) >= PARALLEL_HEADERS:
-        size = max(64, len(paths) // (4 * workers.width))  # a few chunks per worker: none idles at the end
-        chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    """The header of each file, or why it is not DICOM: here until the workers have started (a
+    header takes about half a millisecond), then the rest in them when enough are left that
+    their round trips pay."""
+    if workers is None or len(paths) < PARALLEL_HEADERS:
+        return dicom.read_headers(paths, keywords, keep=True)
+    headers, done = [], 0
+    while done < len(paths) and not workers.started():
+        headers += dicom.read_headers(paths[done:done + 64], keywords, keep=True)
+        done += 64
+    rest = paths[done:]
+    if len(rest) >= PARALLEL_HEADERS // 2:
+        size = max(64, len(rest) // (4 * workers.width))  # a few chunks per worker: none idles at the end
         try:
-            return [h for part in workers.map(functools.partial(dicom.read_headers, keywords=keywords), chunks)
-                    for h in part]
-        except Exception:  # noqa: BLE001 - a worker died or could not start: read them here instead
+            parts = workers.map(functools.partial(dicom.read_headers, keywords=keywords),
+                                [rest[i:i + size] for i in range(0, len(rest), size)])
+            return headers + [h for part in parts for h in part]
+        except Exception:  # noqa: BLE001 - a worker died: read them here instead
             pass
-    return dicom.read_headers(paths, keywords, keep=True)
+    return headers + dicom.read_headers(rest, keywords, keep=True)
 
 
 def _series_task(config: Config, conv, found) -> Task:
