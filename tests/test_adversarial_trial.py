@@ -180,11 +180,16 @@ def test_plan_and_report_see_the_tasks_of_a_cohort_statistics_run_as_done(tmp_pa
     assert "0 converted, 3 already done" in rerun.stdout
 
 
-def test_submit_retry_failed_resubmits_no_shard_of_a_finished_cohort_statistics_run(tmp_path, frozen_inputs):
-    (tmp_path / "in").mkdir()
+def _four_images(folder: Path, frozen_inputs) -> None:
+    """Four small real images of four formats in ``folder``, watched for changes."""
+    folder.mkdir()
     for name in ("sct_t2s.nii.gz", "nib_anatomical.nii", "dipy_aniso_vox.nii.gz", "nib_minc1_1_scale.mnc"):
-        shutil.copyfile(real_image(name), tmp_path / "in" / name)
-    frozen_inputs(tmp_path / "in")
+        shutil.copyfile(real_image(name), folder / name)
+    frozen_inputs(folder)
+
+
+def test_submit_retry_failed_resubmits_no_shard_of_a_finished_cohort_statistics_run(tmp_path, frozen_inputs):
+    _four_images(tmp_path / "in", frozen_inputs)
     cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\n"
                                  "convert: {to: preprocess, steps: [{normalize: {method: zscore, scope: cohort}}]}\n")
     for shard in ("0/2", "1/2"):
@@ -222,10 +227,7 @@ def test_a_dicomdir_is_skipped_as_no_image_and_the_run_succeeds(tmp_path, frozen
 def test_a_fold_given_as_text_or_missing_is_a_clear_dataset_error(tmp_path, frozen_inputs):
     from niconv.datasets import DatasetError, read_index
 
-    (tmp_path / "in").mkdir()
-    for name in ("sct_t2s.nii.gz", "nib_anatomical.nii", "dipy_aniso_vox.nii.gz", "nib_minc1_1_scale.mnc"):
-        shutil.copyfile(real_image(name), tmp_path / "in" / name)
-    frozen_inputs(tmp_path / "in")
+    _four_images(tmp_path / "in", frozen_inputs)
     cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 1\ndataset: {split: {folds: 3, seed: 0}}\n"
                                  "convert: {to: preprocess, format: npy, steps: [{crop_pad: {shape: [16, 16, 16]}}]}\n")
     assert niconv("run", cfg, "--quiet").returncode == 0
