@@ -1,4 +1,5 @@
-"""A run's workers start before its scan, and read the DICOM headers of large trees.
+"""A first run's workers start before its scan and read the DICOM headers of large trees; a run
+killed with its workers running leaves neither processes nor pool resources nor library chatter.
 
 The tree is made of the cohort's real DICOM: the 27-file Philips EPI split over two
 folders, the pydicom CT and MR files, a structured report and a text file named ``.dcm``.
@@ -99,3 +100,29 @@ def test_a_run_whose_scan_stops_it_after_its_workers_started_ends_with_the_error
     while _marked(mark) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _marked(mark) == [], "worker processes outlived the run"
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="loky's semaphores and memmap folders live in /dev/shm")
+def test_a_run_killed_mid_conversion_leaves_no_library_chatter_and_no_pool_resources(cohort, tmp_path, frozen_inputs):
+    import signal
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        shutil.copy(cohort / "nilearn_mni152_t1_2009a.nii.gz", src / f"mni_{i:02d}.nii.gz")
+    frozen_inputs(src)
+    cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\njobs: 2\nconvert: {to: numpy}\n")
+    run = subprocess.Popen([sys.executable, "-m", "niconv", "run", str(cfg), "--quiet"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out" / "niconv_log.csv"
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline and \
+            (not log.exists() or len(log.read_text().splitlines()) < 3):  # header and two rows: converting
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before it could be killed"
+    folders = {p.name for p in Path("/dev/shm").glob(f"joblib_memmapping_folder_{run.pid}_*")}
+    run.send_signal(signal.SIGKILL)
+    out, err = run.communicate(timeout=120)  # the pipe closes once the pool's helpers have gone
+    assert run.returncode == -signal.SIGKILL
+    assert "resource_tracker" not in err and "leaked" not in err and "Traceback" not in err, err
+    assert folders and not any(Path("/dev/shm", name).exists() for name in folders)

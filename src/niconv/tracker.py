@@ -5,9 +5,11 @@ the pool's semaphores and temporary folders if the run dies. When that helper
 is killed (``kill -9``, the out-of-memory killer), loky starts a new one; the
 new one never saw the resources its predecessor was told about, and every
 later "this resource is released" message about them made it print a
-``KeyError`` traceback on the run's terminal. Nothing is wrong with the run:
-:func:`run_tracker` runs loky's tracker with those messages ignored, and
-:func:`install` makes loky start this one.
+``KeyError`` traceback on the run's terminal; and when the run itself is killed,
+the tracker removes what the run left but warns of every item on its terminal.
+Nothing is wrong with the run: :func:`run_tracker` runs loky's tracker with those
+messages ignored (the removal still happens), and :func:`install` makes loky start
+this one.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def run_tracker(fd: int, verbose: bool = False) -> None:
             sys.__excepthook__(kind, value, tb)
 
     sys.excepthook = excepthook
+    # when the run was killed, the tracker removes what it left (semaphores, memmap folders) and
+    # warns of each on the run's terminal: the removal is the point, the warnings are noise
+    warnings.filterwarnings("ignore", message="resource_tracker: There appear to be", category=UserWarning)
     (_loky_main or resource_tracker.main)(fd, verbose)
 
 
