@@ -303,6 +303,7 @@ def test_series_whose_names_collide_stop_before_any_work(slab, tmp_path, frozen_
     ("/abs/{SeriesNumber}", "no leading '/'"),
     (".{SeriesNumber}", "start with a dot"),
     ("{SeriesNumber!r}", "invalid field"),
+    ("{SeriesNumber:0300d}", "a width of 300 is over the 64 characters a field may fill"),
 ])
 def test_bad_name_templates_are_config_errors(tmp_path, template, words):
     (tmp_path / "in").mkdir()

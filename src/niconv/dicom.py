@@ -98,7 +98,8 @@ def check_template(template: str) -> str:
     ------
     ValueError
         For a malformed template, a field that is neither a DICOM keyword nor one
-        of :data:`OWN_FIELDS`, a field with an attribute or index, or literal text
+        of :data:`OWN_FIELDS`, a field with an attribute or index, a format width
+        over :data:`MAX_FIELD`, or literal text
         that would leave the output root or hide a file (an absolute path, an
         empty, ``.`` or ``..`` folder, a leading dot, a backslash or a control
         character).
@@ -109,9 +110,13 @@ def check_template(template: str) -> str:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(f"invalid name template {template!r}: {exc}") from None
-    for _, field, _, conversion in parsed:
+    for _, field, spec, conversion in parsed:
         if field is None:
             continue
+        width = re.match(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)", spec or "").group(1)
+        if width and int(width) > MAX_FIELD:  # the value is cut at MAX_FIELD characters: only padding would be left
+            raise ValueError(f"{{{field}:{spec}}} in {template!r}: a width of {int(width)} is over the "
+                             f"{MAX_FIELD} characters a field may fill; expected a width such as 03")
         if not field or not re.fullmatch(r"[A-Za-z_]\w*", field) or conversion:
             raise ValueError(f"invalid field {{{field}}} in {template!r}: expected a DICOM keyword such as "
                              f"{{SeriesDescription}}, or one of {', '.join('{' + f + '}' for f in OWN_FIELDS)}")
