@@ -84,7 +84,6 @@ def test_a_run_whose_scan_stops_it_after_its_workers_started_ends_with_the_error
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(cohort / "nib_anatomical.nii", src / "head.nii")
-    shutil.copy(cohort / "nib_anatomical.nii", src / "head.nii.gz.nii")
     shutil.copy(cohort / "sct_t2s.nii.gz", src / "head.nii.gz")  # writes head.npz, as head.nii does
     frozen_inputs(src)
     cfg = write_config(tmp_path, "input: {root: in}\noutput: {root: out}\nconvert: {to: numpy}\n")

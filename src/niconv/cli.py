@@ -202,7 +202,6 @@ def _load_converted(args, warn: bool = False):
 
 def cmd_run(args) -> int:
     from .dispatch import head_start
-
     from .runfiles import shard_log_path
 
     config = _config(args)

@@ -448,7 +448,8 @@ def _found(uid: str, members: list, identifying: bool) -> Found:
 
 def _no_image(uid: str | None) -> bool:
     """True for a known SOP class that is not an image storage class (DICOMDIR, reports, plans)."""
-    return bool(uid) and "Image Storage" not in _sop_name(uid) and not _sop_name(uid).startswith("SOP class ")
+    name = _sop_name(uid)
+    return bool(uid) and "Image Storage" not in name and not name.startswith("SOP class ")
 
 
 def _sop_name(uid: str | None) -> str:

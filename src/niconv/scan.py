@@ -294,9 +294,9 @@ def _apple_double(folder: str, name: str) -> bool:
         return False
 
 
-# names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)
 # files to look at from which a scan reads DICOM headers in the run's workers once they have started
 PARALLEL_HEADERS = 1024
+# names of files the scan knows are not DICOM (images nibabel reads, arrays, their companions)
 _NOT_DICOM = tuple(s for s in IMAGE_SUFFIXES + ARRAY_SUFFIXES if s != ".dcm") + (".img", ".rec", ".brik", ".brik.gz")
 
 
@@ -323,9 +323,9 @@ def _dicom_series(config: Config, found: list[tuple[Path, str]], scanned, worker
         candidates.append((root, rel))
     headers = []
     for (root, rel), header in zip(candidates, _read_headers([str(r / rel) for r, rel in candidates], keywords, workers)):
-        if not isinstance(header, dicom.NotDicom):
-            headers.append((root, rel, header))
-        elif rel.lower().endswith(".dcm") or str(header).startswith("a DICOM file"):
+        # a file named .dcm, or DICOM with a damaged header, is a series of its own that fails saying why
+        if not isinstance(header, dicom.NotDicom) or rel.lower().endswith(".dcm") or \
+                str(header).startswith("a DICOM file"):
             headers.append((root, rel, header))
         elif scanned(rel):
             rest.append((root, rel))
